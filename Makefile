@@ -1,0 +1,37 @@
+# The two commands a new user runs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+WSSEG  := $(VENV)/bin/wsseg
+# torch first and pinned, so pip never resolves a newer (CUDA, several GB) build.
+# On a GPU machine: make demo TORCH_SPEC="torch --index-url <your CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+DEMO_DATA := data/demo
+DEMO_CONFIG := pipelines/demo.yaml
+
+.PHONY: demo test bench install clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,coco]"
+	touch $(STAMP)
+
+$(DEMO_DATA)/ImageSets/Segmentation/val.txt: | $(STAMP)
+	$(WSSEG) demo-data --out $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)/ImageSets/Segmentation/val.txt
+	$(WSSEG) run-all --config $(DEMO_CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP) $(DEMO_DATA)/ImageSets/Segmentation/val.txt
+	$(PY) benchmarks/random_walk.py
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,63 @@
+"""Three tiny stages for testing the pipeline machinery without models.
+
+`first` writes one file; `items` writes one file per item (slowly, logging each item it
+computes, so a test can kill it mid-run); `last` reads both. Keys: first <- cam.epochs,
+items <- cam.scales, last <- labels.beta.
+"""
+
+import time
+import types
+
+from wsseg.store import atomic_path
+
+
+def _module(name, needs, sections, outputs, run, **extra):
+    module = types.ModuleType(name)
+    module.NAME, module.NEEDS, module.SECTIONS, module.VERSION, module.OUTPUTS = name, needs, sections, 1, outputs
+    module.run = run
+    for key, value in extra.items():
+        setattr(module, key, value)
+    return module
+
+
+def _run_first(ctx):
+    with atomic_path(ctx.folder("first") / "model.txt") as tmp:
+        tmp.write_text(f"epochs={ctx.config.cam.epochs}")
+    return {"metrics": {"loss": 0.5}}
+
+
+NUM_ITEMS = 20
+
+
+def _run_items(ctx):
+    folder = ctx.folder("items")
+    delay = float((ctx.store.root / "delay").read_text()) if (ctx.store.root / "delay").exists() else 0.0
+    computed = 0
+    for index in range(NUM_ITEMS):
+        path = folder / f"{index:04d}.txt"
+        if path.exists():
+            continue
+        with open(ctx.store.root / "computed.log", "a") as log:
+            log.write(f"{index}\n")
+        time.sleep(delay)
+        with atomic_path(path) as tmp:
+            tmp.write_text(f"{index} scales={ctx.config.cam.scales}")
+        computed += 1
+    return {"metrics": {"count": NUM_ITEMS}, "items": {"done": NUM_ITEMS, "total": NUM_ITEMS}}
+
+
+def _count_items(config, store):
+    folder = store.folder("items")
+    return (len(list(folder.glob("[0-9]*.txt"))) if folder.exists() else 0), NUM_ITEMS
+
+
+def _run_last(ctx):
+    with atomic_path(ctx.folder("last") / "out.txt") as tmp:
+        tmp.write_text("done")
+    return {"metrics": {"score": 1.0}}
+
+
+FIRST = _module("first", (), ("cam.epochs",), ("first",), _run_first, HEADLINE="loss")
+ITEMS = _module("items", ("first",), ("cam.scales",), ("items",), _run_items, count_done=_count_items)
+LAST = _module("last", ("first", "items"), ("labels.beta",), ("last",), _run_last)
+STAGES = [FIRST, ITEMS, LAST]

@@ -1,0 +1,190 @@
+"""The `wsseg` command line: one command per stage, plus run-all, status, eval, inspect, demo-data.
+
+Errors a user can cause print one line on stderr and exit 2; run-time failures exit 1;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from wsseg.errors import RunFailure, UserError
+
+log = logging.getLogger("wsseg")
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%H:%M:%S")
+        return f"[{stamp}] {record.getMessage()}"
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def _add_file_log(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"wsseg: error: {message}", err=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Console entry point: turn exceptions into one line and an exit code."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    except click.ClickException as error:
+        if debug:
+            raise
+        message = error.format_message()
+        ctx = getattr(error, "ctx", None)
+        usage = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _fail(message + usage, error.exit_code if error.exit_code else 2)
+    except UserError as error:
+        if debug:
+            raise
+        _fail(str(error), 2)
+    except RunFailure as error:
+        if debug:
+            raise
+        _fail(str(error), 1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _fail("interrupted; finished items are kept and the next run resumes", 130)
+    except Exception as error:  # noqa: BLE001 - the last line of defence for the user
+        if debug:
+            raise
+        _fail(f"unexpected failure: {type(error).__name__}: {error} (run again with --debug for the traceback)", 1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """wsseg: image tags -> pixel labels (IRN) -> trained segmenters."""
+    _setup_logging(debug)
+
+
+def config_options(function):
+    """--config (repeatable; later files override earlier ones) and --set KEY=VALUE."""
+
+    @click.option("--config", "-c", "configs", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path),
+                  help="YAML config; repeat to stack files (later ones win).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set cam.epochs=3.")
+    @functools.wraps(function)
+    def wrapper(configs, overrides, **kwargs):
+        from wsseg.config import load_config
+
+        config = load_config(configs, overrides)
+        return function(config=config, **kwargs)
+
+    return wrapper
+
+
+def _with_lock(config, function):
+    """Run `function(dist)` holding the run-directory lock (main rank only under torchrun)."""
+    from wsseg.context import init_distributed
+    from wsseg.pipeline import lock_for
+
+    dist = init_distributed(config.run.device)
+    lock = lock_for(config, dist)
+    if lock is not None:
+        lock.acquire()
+        _add_file_log(Path(config.run.dir))
+    try:
+        return function(dist)
+    finally:
+        if lock is not None:
+            lock.release()
+        if dist.enabled:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _make_stage_command(module_name: str, name: str, help_text: str):
+    @cli.command(name=name, help=help_text)
+    @config_options
+    @click.option("--force", is_flag=True, help="Rerun even if up to date.")
+    def command(config, force: bool) -> None:
+        from wsseg.pipeline import format_status, run_stage, stage_by_name, status
+
+        stage = stage_by_name(name)
+        _with_lock(config, lambda dist: run_stage(stage, config, force=force, dist=dist))
+        click.echo(format_status([s for s in status(config) if s.name == name]))
+
+    return command
+
+
+_STAGE_HELP = {
+    "train_cam": ("train-cam", "Train the classification network whose CAMs seed everything."),
+    "make_cam": ("make-cam", "Multi-scale + flip CAMs for every image (cams/<id>.npz)."),
+    "mine_relations": ("mine-relations", "Confident foreground/background/unsure maps with DenseCRF."),
+    "train_irn": ("train-irn", "Train IRN's boundary and displacement heads."),
+    "synthesize_labels": ("synthesize-labels", "Random walk + displacement: semantic, instance and panoptic labels."),
+    "train_segmenter": ("train-segmenter", "Train a fully supervised segmenter on the synthesized labels."),
+}
+for _module, (_name, _help) in _STAGE_HELP.items():
+    _make_stage_command(_module, _name, _help)
+
+
+@cli.command("run-all")
+@config_options
+@click.option("--from", "start", metavar="STAGE", help="First stage to consider.")
+@click.option("--to", "stop", metavar="STAGE", help="Last stage to run.")
+@click.option("--force", is_flag=True, help="Rerun the selected stages even if up to date.")
+def run_all_command(config, start: str | None, stop: str | None, force: bool) -> None:
+    """Run every stage in order: skip what is up to date, resume what was interrupted, redo what is stale."""
+    from wsseg.pipeline import format_status, run_all
+
+    states = _with_lock(config, lambda dist: run_all(config, start=start, stop=stop, force=force, dist=dist))
+    click.echo(format_status(states))
+
+
+@cli.command("status")
+@config_options
+def status_command(config) -> None:
+    """The stage table: done / stale (and why) / partial / missing."""
+    from wsseg.pipeline import format_status, status
+
+    click.echo(format_status(status(config)))
+
+
+@cli.command("demo-data")
+@click.option("--out", default="data/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--images", "num_images", default=None, type=click.IntRange(min=4), help="Number of images (train + val).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--size", default=None, type=click.IntRange(min=32), help="Long side of the images in pixels.")
+def demo_data_command(out: Path, num_images: int | None, seed: int, size: int | None) -> None:
+    """Write the synthetic demo dataset in the VOC 2012 layout."""
+    from wsseg.data import demo
+
+    kwargs = {"seed": seed}
+    if num_images is not None:
+        kwargs["num_images"] = num_images
+    if size is not None:
+        kwargs["size"] = size
+    summary = demo.generate_demo(out, **kwargs)
+    click.echo(f"demo dataset written to {out}: {summary.get('num_images', '?')} images")
+
+
+if __name__ == "__main__":
+    main()

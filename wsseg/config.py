@@ -1,0 +1,376 @@
+"""Typed configuration: one frozen dataclass per section, YAML loading, `--set` overrides.
+
+Every key has a type, a default and a one-line meaning. Defaults are IRN's VOC 2012
+recipe (ALGORITHMS.md); pipelines/voc.yaml states them all explicitly and
+pipelines/demo.yaml overrides what the CPU demo needs. Loading validates everything:
+an unknown key names the closest known key; a wrong type or out-of-range value names
+the key, the value and what is allowed. Several files stack, later ones winning
+(`--config base.yaml --config calibrated.yaml`), then `--set a.b=c` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsseg.errors import UserError
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+
+def key(default, doc: str, *, choices=None, low=None, high=None, positive=False):
+    """A config field: default, meaning (with unit) and the allowed values."""
+    meta = {"doc": doc, "choices": choices, "low": low, "high": high, "positive": positive}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults (configs are frozen)")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    dir: str = key("runs/voc", "run directory: every stage's artifacts and records live here")
+    seed: int = key(0, "random seed for training, augmentation and sampling", low=0)
+    device: str = key("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available)")
+    workers: int = key(2, "processes for CPU-bound per-image work (CRF, instances) and data loading", low=0)
+    amp: bool = key(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
+    channels_last: bool = key(True, "channels_last memory format on CUDA")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    root: str = key("data/VOCdevkit/VOC2012", "dataset root in the VOC 2012 devkit layout (JPEGImages, Annotations, ...)")
+    classes: tuple[str, ...] = key(VOC_CLASSES, "foreground class names in class-id order (id = position + 1)")
+    train_list: str = key("train_aug", "images for training the CAM and IRN networks (list name or file)")
+    label_list: str = key("train_aug", "images that get CAMs, relations and pseudo labels")
+    eval_list: str = key("train", "images with ground truth for evaluating CAMs and pseudo labels (IRN: VOC train)")
+    segmenter_train_list: str = key("train_aug", "images for training the segmenter")
+    val_list: str = key("val", "images for validating the segmenter")
+    cls_labels: typing.Optional[str] = key(None, "IRN's cls_labels.npy for image tags instead of the XML annotations")
+    label_dirs: tuple[str, ...] = key(("SegmentationClass", "SegmentationClassAug"), "folders searched in order for ground-truth class maps")
+    on_bad_image: str = key("error", "error: stop at an unreadable image; skip: leave it out and report it", choices=("error", "skip"))
+
+
+@dataclass(frozen=True)
+class BackboneSection:
+    depth: int = key(50, "ResNet depth of the CAM and IRN networks", choices=(18, 34, 50, 101))
+    width: float = key(1.0, "channel width multiplier (1.0 = standard; smaller for CPU demos, no pretrained weights then)", positive=True)
+    weights: typing.Optional[str] = key("imagenet", "null (random init) | imagenet (download) | path to a torchvision ResNet state dict")
+
+
+@dataclass(frozen=True)
+class CamSection:
+    train_stages: tuple[str, ...] = key(("layer3", "layer4"), "backbone stages that learn (IRN: layer3, layer4; from a random init: all)")
+    frozen_bn: bool = key(True, "BatchNorm uses running statistics in training (IRN); false from a random init")
+    epochs: int = key(5, "training epochs", low=1)
+    batch_size: int = key(16, "images per optimisation step (global, over all ranks)", low=1)
+    lr: float = key(0.1, "learning rate of the backbone (poly decay, power 0.9)", positive=True)
+    classifier_lr_mult: float = key(10.0, "classifier learning rate = lr x this (IRN: backbone 0.1, classifier 1.0)", positive=True)
+    momentum: float = key(0.0, "SGD momentum (IRN's optimiser effectively had none)", low=0.0, high=0.999)
+    weight_decay: float = key(1e-4, "SGD weight decay", low=0.0)
+    resize_long: tuple[int, int] = key((320, 640), "random long-side range in pixels before cropping")
+    crop: int = key(512, "training crop size in pixels", low=16)
+    scales: tuple[float, ...] = key((1.0, 0.5, 1.5, 2.0), "make-cam inference scales (each with its flip)")
+    eval_threshold: float = key(0.15, "background score when evaluating CAMs (IRN: 0.15)", low=0.0, high=1.0)
+    sweep: tuple[float, ...] = key(tuple(round(0.05 * i, 2) for i in range(1, 13)), "background scores swept when evaluating CAMs")
+    recam: bool = key(False, "ReCAM: extra epochs with a softmax loss on class-specific features")
+    recam_epochs: int = key(4, "ReCAM epochs after the BCE training", low=1)
+    recam_lr: float = key(0.0005, "ReCAM learning rate (backbone; heads x classifier_lr_mult)", positive=True)
+    recam_loss_weight: float = key(0.7, "weight of ReCAM's softmax loss next to the BCE loss", low=0.0)
+
+
+@dataclass(frozen=True)
+class RelationsSection:
+    conf_fg: float = key(0.30, "background score for the confident-foreground map (IRN: 0.30)", low=0.0, high=1.0)
+    conf_bg: float = key(0.05, "background score for the confident-background map (IRN: 0.05)", low=0.0, high=1.0)
+    crf_gt_prob: float = key(0.7, "DenseCRF unary certainty of the hard labels", low=0.0, high=1.0)
+    crf_gaussian_sxy: float = key(3.0, "DenseCRF Gaussian kernel width in pixels", positive=True)
+    crf_gaussian_compat: float = key(3.0, "DenseCRF Gaussian kernel weight", low=0.0)
+    crf_bilateral_sxy: float = key(50.0, "DenseCRF bilateral kernel width in pixels", positive=True)
+    crf_bilateral_srgb: float = key(5.0, "DenseCRF bilateral colour width", positive=True)
+    crf_bilateral_compat: float = key(10.0, "DenseCRF bilateral kernel weight", low=0.0)
+    crf_iterations: int = key(10, "mean-field iterations", low=1)
+
+
+@dataclass(frozen=True)
+class IrnSection:
+    backbone_init: str = key("cam", "cam (the trained CAM network) | imagenet | path to a torchvision ResNet state dict")
+    train_backbone: bool = key(False, "train the backbone too (IRN: frozen, only the heads learn)")
+    radius: int = key(10, "pair radius in stride-4 pixels for the affinity loss (152 directions)", low=2)
+    crop: int = key(512, "training crop size in pixels", low=16)
+    scale_range: tuple[float, float] = key((0.5, 1.5), "random rescale range before cropping")
+    batch_size: int = key(32, "images per step (IRN's log: 16 with 5 epochs)", low=1)
+    epochs: int = key(3, "training epochs", low=1)
+    lr: float = key(0.1, "learning rate of the boundary head (poly 0.9)", positive=True)
+    displacement_lr_mult: float = key(10.0, "displacement head lr = lr x this (IRN: 1.0)", positive=True)
+    momentum: float = key(0.0, "SGD momentum (IRN: effectively none)", low=0.0, high=0.999)
+    weight_decay: float = key(1e-4, "SGD weight decay", low=0.0)
+
+
+@dataclass(frozen=True)
+class LabelsSection:
+    radius: int = key(5, "random-walk neighbourhood radius in stride-4 pixels (34 directions)", low=2)
+    beta: float = key(10.0, "affinity exponent of the transition matrix", positive=True)
+    walk_steps: int = key(256, "random-walk steps (IRN: 2^8, squaring the matrix 8 times)", low=1)
+    cam_power: float = key(1.0, "CAM exponent before the walk (AdvCAM etc. use 1.3-1.5)", positive=True)
+    sem_background: float = key(0.25, "background score for semantic labels after the walk (IRN: 0.25)", low=0.0, high=1.0)
+    ins_background: float = key(0.25, "background score for instance labels after the walk", low=0.0, high=1.0)
+    displacement_steps: int = key(300, "steps following the displacement field to its centroid", low=1)
+    centroid_threshold: float = key(2.5, "|displacement| below this (stride-4 px) is a centroid region", positive=True)
+    min_instance_area: float = key(0.01, "instances under this fraction of the image get score 0", low=0.0, high=1.0)
+    pad_to: int = key(512, "zero-pad images to this canvas before IRN inference (IRN's training crop)", low=0)
+
+
+@dataclass(frozen=True)
+class SegmenterSection:
+    model: str = key("deeplab-v2", "segmenter architecture (see docs/models/)")
+    labels: str = key("pseudo", "pseudo: synthesized labels; gt: the dataset's masks (fully supervised reference)", choices=("pseudo", "gt"))
+    depth: int = key(50, "ResNet depth (IRN's reference: DeepLab-v2 R50)", choices=(18, 34, 50, 101))
+    width: float = key(1.0, "channel width multiplier", positive=True)
+    weights: typing.Optional[str] = key("imagenet", "null | imagenet | path to a torchvision ResNet state dict")
+    crop: int = key(321, "training crop size in pixels", low=16)
+    batch_size: int = key(10, "images per step", low=1)
+    iterations: int = key(20000, "optimisation steps", low=1)
+    lr: float = key(2.5e-4, "backbone learning rate (poly 0.9); heads x head_lr_mult", positive=True)
+    head_lr_mult: float = key(10.0, "head learning rate multiplier", positive=True)
+    momentum: float = key(0.9, "SGD momentum", low=0.0, high=0.999)
+    weight_decay: float = key(5e-4, "SGD weight decay", low=0.0)
+    scale_range: tuple[float, float] = key((0.5, 1.5), "random rescale range before cropping")
+    test_scales: tuple[float, ...] = key((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), "multi-scale inference scales (with flip)")
+    crf: bool = key(True, "DenseCRF post-processing in evaluation")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "data": DataSection,
+    "backbone": BackboneSection,
+    "cam": CamSection,
+    "relations": RelationsSection,
+    "irn": IrnSection,
+    "labels": LabelsSection,
+    "segmenter": SegmenterSection,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    backbone: BackboneSection = BackboneSection()
+    cam: CamSection = CamSection()
+    relations: RelationsSection = RelationsSection()
+    irn: IrnSection = IrnSection()
+    labels: LabelsSection = LabelsSection()
+    segmenter: SegmenterSection = SegmenterSection()
+    sources: tuple[str, ...] = ()  # the files it was loaded from, for messages
+
+    def get(self, dotted: str) -> Any:
+        """`config.get("cam.scales")` or a whole section `config.get("cam")`."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in canonical form (tuples, floats)."""
+    bad = UserError(f"{where}: {value!r} is not {_describe(tp)}")
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            if typing.get_args(tp)[-1] is Ellipsis and not isinstance(value, (dict, bool)) and value is not None:
+                value = [value]  # a single value for a list key
+            else:
+                raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad
+        return str(value)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _check_range(value: Any, meta: dict, where: str) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if v is None:
+            continue
+        if meta["choices"] is not None and v not in meta["choices"]:
+            allowed = ", ".join(str(c) for c in meta["choices"])
+            raise UserError(f"{where}: {v!r} is not allowed; use one of: {allowed}")
+        if meta["positive"] and not v > 0:
+            raise UserError(f"{where}: {v!r} must be greater than 0")
+        if meta["low"] is not None and v < meta["low"]:
+            raise UserError(f"{where}: {v!r} is below the minimum {meta['low']}")
+        if meta["high"] is not None and v > meta["high"]:
+            raise UserError(f"{where}: {v!r} is above the maximum {meta['high']}")
+
+
+def _build_section(name: str, values: dict, origin: str) -> Any:
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        if k not in fields:
+            raise UserError(f"{origin}: unknown key '{name}.{k}'{_closest(k, fields)}")
+        where = f"{origin}: {name}.{k}"
+        v = _coerce(v, hints[k], where)
+        _check_range(v, fields[k].metadata, where)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict, origin: str) -> None:
+    for section, values in update.items():
+        if section not in SECTIONS:
+            raise UserError(f"{origin}: unknown section '{section}'{_closest(section, SECTIONS)}; sections are {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"{origin}: section '{section}' must be a mapping of keys to values")
+        for k, v in values.items():
+            base.setdefault(section, {})[k] = (v, origin)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`cam.scales=[1.0,0.5]` -> ("cam", "scales", (1.0, 0.5)); values are YAML."""
+    if "=" not in text:
+        raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set cam.epochs=3")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {text}: the key must be SECTION.KEY, e.g. cam.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts[0], parts[1], value
+
+
+def load_config(paths: typing.Sequence[str | Path] = (), overrides: typing.Sequence[str] = ()) -> Config:
+    """Load and validate: files in order (later wins), then `--set` overrides."""
+    merged: dict[str, dict[str, tuple[Any, str]]] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{at}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a config is a mapping of sections (run:, data:, cam:, ...)")
+        _merge(merged, data, str(path))
+    for text in overrides:
+        section, name, value = parse_override(text)
+        _merge(merged, {section: {name: value}}, f"--set {text}")
+
+    sections = {}
+    for name in SECTIONS:
+        entries = merged.get(name, {})
+        # validate key by key so that the message names the file the key came from
+        values = {}
+        for k, (v, origin) in entries.items():
+            _build_section(name, {k: v}, origin)
+            values[k] = v
+        sections[name] = _build_section(name, values, "config")
+    config = Config(**sections, sources=tuple(str(p) for p in paths))
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    cam, irn = config.cam, config.irn
+    low, high = cam.resize_long
+    if low > high:
+        raise UserError(f"cam.resize_long: {list(cam.resize_long)} must be [low, high] with low <= high")
+    for name, (low, high) in (("irn.scale_range", irn.scale_range), ("segmenter.scale_range", config.segmenter.scale_range)):
+        if not 0 < low <= high:
+            raise UserError(f"{name}: [{low}, {high}] must satisfy 0 < low <= high")
+    if not config.data.classes:
+        raise UserError("data.classes: the class list is empty; list the foreground class names")
+    if len(set(config.data.classes)) != len(config.data.classes):
+        raise UserError("data.classes: a class name appears twice")
+    if len(config.data.classes) > 254:
+        raise UserError("data.classes: at most 254 foreground classes fit the uint8 label maps")
+    if not set(cam.train_stages) <= {"stem", "layer1", "layer2", "layer3", "layer4"}:
+        raise UserError(f"cam.train_stages: {list(cam.train_stages)}; stages are stem, layer1, layer2, layer3, layer4")
+    if not cam.scales:
+        raise UserError("cam.scales: give at least one scale, e.g. [1.0]")
+    if config.relations.conf_bg > config.relations.conf_fg:
+        raise UserError(
+            f"relations.conf_bg ({config.relations.conf_bg}) must not exceed relations.conf_fg "
+            f"({config.relations.conf_fg}): the background map uses the lower score"
+        )
+
+
+def describe_keys() -> str:
+    """All keys with defaults and meanings, for `wsseg config --keys` and the docs."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = json.dumps(f.default) if not isinstance(f.default, tuple) else json.dumps(list(f.default))
+            lines.append(f"  {f.name}: {default}  # {f.metadata['doc']}")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Reading images and label maps from disk, and writing label maps as palette PNGs.
+
+Every reader turns a damaged or unreadable file into a `UserError` that names the file,
+so a bad image in a 10,000-image list costs one clear line, not a PIL traceback.
+Label maps are uint8 arrays: 0 background, 1..C classes, 255 ignore/void.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from wsseg.errors import UserError
+
+
+def voc_palette(num_colors: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: (num_colors, 3) uint8; index 255 is (224, 224, 192)."""
+    palette = np.zeros((num_colors, 3), dtype=np.uint8)
+    for index in range(num_colors):
+        value, r, g, b = index, 0, 0, 0
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+VOC_PALETTE = voc_palette()
+
+
+def _open(path: Path) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found; check the dataset root and the image list")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty (0 bytes); replace it or remove its id from the list")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so a truncated file fails here and not later
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"{path}: cannot decode the image ({error}); replace the file or remove its id from the list") from None
+    return image
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8. Grayscale, palette, CMYK and RGBA are converted.
+
+    RGBA is composited over black (alpha is not part of the image content we classify).
+    """
+    image = _open(Path(path))
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(canvas, image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """A label map stored as a palette (or grayscale) PNG, as (H, W) uint8 indices."""
+    image = _open(Path(path))
+    if image.mode not in ("P", "L"):
+        raise UserError(
+            f"{path}: a label map must be a palette or grayscale PNG of class indices, "
+            f"found mode {image.mode}; convert it to indices (VOC palette) first"
+        )
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def write_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray = VOC_PALETTE) -> None:
+    """Write an (H, W) uint8 label map as a palette PNG (VOC colours, readable by every VOC tool).
+
+    The caller makes the write atomic (see `wsseg.store.atomic_path`).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise ValueError(f"label map must be (H, W) uint8, got {labels.shape} {labels.dtype}")
+    image = Image.fromarray(labels, mode="P")
+    image.putpalette(palette.astype(np.uint8).flatten().tolist())
+    image.save(path, format="PNG")
+
+
+def write_rgb_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 image as PNG."""
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8), mode="RGB").save(path, format="PNG")

@@ -1,0 +1,330 @@
+"""The ordered stages, their fingerprints, running one stage, `run-all` and `status`.
+
+A stage module has NAME, NEEDS, SECTIONS (config selectors that change its result),
+VERSION, OUTPUTS (folders it owns; the first holds its record) and `run(ctx) -> dict`.
+Optional: HEADLINE (the metric `status` shows) and `count_done(ctx) -> (done, total)`.
+
+Fingerprint = hash(NAME, VERSION, the selected config values, the content of the
+image lists it reads, the fingerprints of its NEEDS). A complete record with the same
+fingerprint is up to date; a different one is stale and its outputs are removed before
+the stage runs again; a `running` record with the same fingerprint is resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import secrets
+import socket
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from wsseg.config import SECTIONS as CONFIG_SECTIONS
+from wsseg.config import Config
+from wsseg.context import Distributed, StageContext, resolve_device
+from wsseg.errors import UserError
+from wsseg.store import RunLock, RunStore, canonical_json, check_run_dir_is_safe, digest, remove_temporaries
+
+log = logging.getLogger("wsseg")
+
+# The pipeline, in order. One line per stage: the module in wsseg/stages/.
+STAGE_MODULES = (
+    "train_cam",
+    "make_cam",
+    "mine_relations",
+    "train_irn",
+    "synthesize_labels",
+    "train_segmenter",
+)
+
+
+def available_stages() -> list[ModuleType]:
+    """The stage modules that exist in this checkout, in pipeline order."""
+    stages = []
+    for name in STAGE_MODULES:
+        try:
+            stages.append(importlib.import_module(f"wsseg.stages.{name}"))
+        except ModuleNotFoundError as error:
+            if error.name != f"wsseg.stages.{name}":
+                raise
+    return stages
+
+
+def stage_by_name(name: str) -> ModuleType:
+    for stage in available_stages():
+        if stage.NAME == name:
+            return stage
+    names = ", ".join(s.NAME for s in available_stages())
+    raise UserError(f"unknown stage {name!r}; stages are: {names}")
+
+
+def outputs_of(stage: ModuleType, config: Config) -> tuple[str, ...]:
+    outputs = stage.OUTPUTS
+    return tuple(outputs(config) if callable(outputs) else outputs)
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+def selected_config(config: Config, selectors: tuple[str, ...]) -> dict[str, Any]:
+    """Flatten the selected keys: "cam" = every cam key, "cam.scales" = one, "-cam.sweep" removes one."""
+    values: dict[str, Any] = {}
+    for selector in selectors:
+        if selector.startswith("-"):
+            values.pop(selector[1:], None)
+            continue
+        if "." in selector:
+            values[selector] = config.get(selector)
+        else:
+            for f in dataclasses.fields(CONFIG_SECTIONS[selector]):
+                values[f"{selector}.{f.name}"] = getattr(config.get(selector), f.name)
+    for selector in selectors:  # exclusions win whatever their position
+        if selector.startswith("-"):
+            values.pop(selector[1:], None)
+    return values
+
+
+def _list_digests(config: Config, keys: list[str]) -> dict[str, str]:
+    from wsseg.data.voc import read_id_list
+
+    root = Path(config.data.root)
+    return {key: digest(read_id_list(root, config.get(key), key=key)) for key in keys}
+
+
+def stage_inputs(stage: ModuleType, config: Config) -> dict[str, Any]:
+    """What the fingerprint covers, as readable key -> value pairs (status diffs them)."""
+    values = selected_config(config, stage.SECTIONS)
+    if "data.root" in values:
+        values["data.root"] = str(Path(values["data.root"]).resolve())
+    list_keys = [k for k in values if k.startswith("data.") and k.endswith("_list")]
+    for key, value in _list_digests(config, list_keys).items():
+        values[f"{key}#content"] = value
+    return json.loads(canonical_json(values))  # the form the record stores (tuples become lists)
+
+
+def fingerprint(stage: ModuleType, config: Config, _cache: dict | None = None) -> str:
+    cache = {} if _cache is None else _cache
+    if stage.NAME not in cache:
+        needs = {need: fingerprint(stage_by_name(need), config, cache) for need in stage.NEEDS}
+        cache[stage.NAME] = digest({"stage": stage.NAME, "version": stage.VERSION, "inputs": stage_inputs(stage, config), "needs": needs})
+    return cache[stage.NAME]
+
+
+# ---------------------------------------------------------------------------- state
+
+@dataclasses.dataclass
+class StageState:
+    name: str
+    state: str  # done | stale | partial | missing | blocked
+    reason: str = ""
+    items: str = ""
+    seconds: float | None = None
+    headline: str = ""
+
+
+def _stale_reason(record: dict, stage: ModuleType, config: Config, store: RunStore) -> str:
+    if record.get("version") != stage.VERSION:
+        return f"stage version {record.get('version')} -> {stage.VERSION}"
+    old = record.get("inputs", {})
+    new = stage_inputs(stage, config)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        shown = ", ".join(k.replace("#content", " (list content)") for k in changed[:3])
+        return f"changed: {shown}" + (" ..." if len(changed) > 3 else "")
+    for need in stage.NEEDS:
+        upstream = store.record(outputs_of(stage_by_name(need), config)[0])
+        if upstream is None or upstream.get("token") != record.get("needs", {}).get(need):
+            return f"{need} was rerun"
+    return "upstream changed"
+
+
+def stage_state(stage: ModuleType, config: Config, store: RunStore, cache: dict | None = None) -> StageState:
+    record = store.record(outputs_of(stage, config)[0])
+    state = StageState(stage.NAME, "missing")
+    if record is None:
+        return state
+    state.seconds = record.get("seconds")
+    current = record.get("fingerprint") == fingerprint(stage, config, cache) and _needs_unchanged(record, stage, config, store)
+    if not current:
+        state.state, state.reason = "stale", _stale_reason(record, stage, config, store)
+    elif record.get("status") == "complete":
+        state.state = "done"
+    else:
+        state.state = "partial"
+    items = record.get("items")
+    if state.state == "partial" and hasattr(stage, "count_done"):
+        try:
+            done, total = stage.count_done(config, store)
+            items = {"done": done, "total": total}
+        except UserError:
+            pass
+    if isinstance(items, dict):
+        state.items = f"{items.get('done', 0)}/{items.get('total', 0)}"
+    headline = getattr(stage, "HEADLINE", None)
+    metrics = record.get("metrics") or {}
+    if headline and headline in metrics and metrics[headline] is not None:
+        value = metrics[headline]
+        state.headline = f"{headline} {value:.3f}" if isinstance(value, float) else f"{headline} {value}"
+    return state
+
+
+def _needs_unchanged(record: dict, stage: ModuleType, config: Config, store: RunStore) -> bool:
+    for need in stage.NEEDS:
+        upstream = store.record(outputs_of(stage_by_name(need), config)[0])
+        if upstream is None or upstream.get("token") != record.get("needs", {}).get(need):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------- running
+
+def prepare_run_dir(config: Config) -> RunStore:
+    run_dir = Path(config.run.dir)
+    check_run_dir_is_safe(run_dir, {"data.root": Path(config.data.root)})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunStore(run_dir)
+
+
+def run_stage(stage: ModuleType, config: Config, *, force: bool = False, dist: Distributed | None = None) -> dict:
+    """Run one stage if it is not up to date; returns its record."""
+    dist = dist or Distributed()
+    store = prepare_run_dir(config)
+    outputs = outputs_of(stage, config)
+    fp = fingerprint(stage, config)
+    record = store.record(outputs[0])
+
+    upstream_tokens = {}
+    for need in stage.NEEDS:
+        need_stage = stage_by_name(need)
+        need_state = stage_state(need_stage, config, store)
+        if need_state.state != "done":
+            raise UserError(
+                f"{stage.NAME} needs {need}, which is {need_state.state}"
+                f"{' (' + need_state.reason + ')' if need_state.reason else ''}; run `wsseg {need}` or `wsseg run-all` first"
+            )
+        upstream_tokens[need] = store.record(outputs_of(need_stage, config)[0])["token"]
+
+    up_to_date = (
+        record is not None and record.get("status") == "complete" and record.get("fingerprint") == fp
+        and record.get("needs", {}) == upstream_tokens
+    )
+    if up_to_date and not force:
+        log.info("%s: up to date, skipped", stage.NAME)
+        return record
+
+    resuming = (
+        record is not None and record.get("status") == "running" and record.get("fingerprint") == fp
+        and record.get("needs", {}) == upstream_tokens and not force
+    )
+    if dist.is_main:
+        if resuming:
+            log.info("%s: resuming an interrupted run", stage.NAME)
+        else:
+            if record is not None or any(store.folder(o).exists() for o in outputs):
+                log.info("%s: %s, removing its old outputs", stage.NAME, "forced" if force else "stale")
+            for output in outputs:
+                store.clear(output)
+        for output in outputs:
+            remove_temporaries(store.folder(output))
+        previous_seconds = float(record.get("seconds", 0.0)) if resuming and record else 0.0
+        record = {
+            "stage": stage.NAME,
+            "version": stage.VERSION,
+            "fingerprint": fp,
+            "status": "running",
+            "inputs": stage_inputs(stage, config),
+            "needs": upstream_tokens,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "host": socket.gethostname(),
+            "seconds": previous_seconds,
+            "config": config.to_dict(),
+        }
+        store.write_record(outputs[0], record)
+    dist.barrier()
+
+    device = resolve_device(config.run.device, dist.local_rank)
+    ctx = StageContext(config=config, store=store, name=stage.NAME, device=device, dist=dist, force=force)
+    start = time.monotonic()
+    log.info("%s: running on %s%s", stage.NAME, device, f" (rank {dist.rank}/{dist.world_size})" if dist.enabled else "")
+    metrics = stage.run(ctx) or {}
+    dist.barrier()
+    elapsed = time.monotonic() - start
+    if dist.is_main:
+        record = store.record(outputs[0]) or record
+        record.update(
+            status="complete",
+            finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+            seconds=round(float(record.get("seconds", 0.0)) + elapsed, 2),
+            metrics=metrics.get("metrics", metrics),
+            token=secrets.token_hex(8),
+        )
+        for extra in ("items", "curves", "counters"):
+            if extra in metrics:
+                record[extra] = metrics[extra]
+        store.write_record(outputs[0], record)
+        log.info("%s: done in %.1fs", stage.NAME, elapsed)
+    dist.barrier()
+    return store.record(outputs[0]) or record
+
+
+def stages_between(start: str | None, stop: str | None) -> list[ModuleType]:
+    stages = available_stages()
+    names = [s.NAME for s in stages]
+    first = names.index(stage_by_name(start).NAME) if start else 0
+    last = names.index(stage_by_name(stop).NAME) if stop else len(stages) - 1
+    if first > last:
+        raise UserError(f"--from {start} comes after --to {stop}")
+    return stages[first : last + 1]
+
+
+def run_all(config: Config, *, start: str | None = None, stop: str | None = None, force: bool = False,
+            dist: Distributed | None = None) -> list[StageState]:
+    """Run the stages in order, skipping up-to-date ones; `force` reruns those in range."""
+    dist = dist or Distributed()
+    selected = stages_between(start, stop)
+    for index, stage in enumerate(selected, 1):
+        log.info("[%d/%d] %s", index, len(selected), stage.NAME)
+        run_stage(stage, config, force=force, dist=dist)
+    return status(config)
+
+
+def status(config: Config) -> list[StageState]:
+    store = RunStore(Path(config.run.dir))
+    cache: dict = {}
+    states = []
+    for stage in available_stages():
+        state = stage_state(stage, config, store, cache)
+        if state.state == "missing" and any(s.state != "done" and s.name in stage.NEEDS for s in states):
+            state.reason = "waits for " + ", ".join(n for n in stage.NEEDS if any(s.name == n and s.state != "done" for s in states))
+        states.append(state)
+    return states
+
+
+def format_status(states: list[StageState]) -> str:
+    rows = [("stage", "state", "items", "time", "headline")]
+    for s in states:
+        state = s.state + (f" ({s.reason})" if s.reason else "")
+        seconds = "" if s.seconds is None else _format_seconds(s.seconds)
+        rows.append((s.name, state, s.items, seconds, s.headline))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def lock_for(config: Config, dist: Distributed) -> RunLock | None:
+    """The run-directory lock; only the main rank holds it under torchrun."""
+    if not dist.is_main:
+        return None
+    check_run_dir_is_safe(Path(config.run.dir), {"data.root": Path(config.data.root)})
+    return RunLock(Path(config.run.dir))
