@@ -168,6 +168,57 @@ def status_command(config) -> None:
     click.echo(format_status(status(config)))
 
 
+# `eval --stage X` -> (stage module, its evaluate function's folder of metrics)
+EVAL_STAGES = {
+    "cams": "make_cam",
+    "relations": "mine_relations",
+    "semantic": "synthesize_labels",
+    "instance": "synthesize_labels",
+    "panoptic": "synthesize_labels",
+    "segmenter": "train_segmenter",
+}
+
+
+@cli.command("eval")
+@config_options
+@click.option("--stage", "which", required=True, type=click.Choice(list(EVAL_STAGES)), help="What to evaluate.")
+def eval_command(config, which: str) -> None:
+    """Evaluate cached artifacts against the ground truth (no recomputation)."""
+    import importlib
+    import json
+
+    from wsseg.context import Progress
+    from wsseg.pipeline import outputs_of
+    from wsseg.store import RunStore
+
+    try:
+        module = importlib.import_module(f"wsseg.stages.{EVAL_STAGES[which]}")
+    except ModuleNotFoundError:
+        raise UserError(f"eval --stage {which}: that stage is not part of this version of wsseg yet") from None
+    store = RunStore(Path(config.run.dir))
+    record = store.record(outputs_of(module, config)[0])
+    if record is None:
+        raise UserError(f"eval --stage {which}: {module.NAME} has not run in {config.run.dir}; run `wsseg {module.NAME}` first")
+    evaluate = getattr(module, "evaluate_" + which, None) or module.evaluate
+    metrics = evaluate(config, store, lambda items, desc: Progress(items, None, desc))
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@cli.command("inspect")
+@config_options
+@click.argument("image_ids", nargs=-1)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the panels (default: RUN/inspect).")
+@click.option("--worst", type=click.IntRange(min=1), default=None, help="Pick the K images whose labels disagree most with the ground truth.")
+def inspect_command(config, image_ids: tuple[str, ...], out: Path | None, worst: int | None) -> None:
+    """PNG panels of every stage's cached output per image, and an index.html gallery."""
+    from wsseg.context import Progress
+    from wsseg.inspect import inspect
+
+    out = out or Path(config.run.dir) / "inspect"
+    index = inspect(config, list(image_ids), out, worst=worst, progress=lambda items, desc: Progress(items, None, desc))
+    click.echo(f"wrote {index}")
+
+
 @cli.command("demo-data")
 @click.option("--out", default="data/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--images", "num_images", default=None, type=click.IntRange(min=4), help="Number of images (train + val).")

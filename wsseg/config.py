@@ -86,8 +86,8 @@ class CamSection:
     sweep: tuple[float, ...] = key(tuple(round(0.05 * i, 2) for i in range(1, 13)), "background scores swept when evaluating CAMs")
     recam: bool = key(False, "ReCAM: extra epochs with a softmax loss on class-specific features")
     recam_epochs: int = key(4, "ReCAM epochs after the BCE training", low=1)
-    recam_lr: float = key(0.0005, "ReCAM learning rate (backbone; heads x classifier_lr_mult)", positive=True)
-    recam_loss_weight: float = key(0.7, "weight of ReCAM's softmax loss next to the BCE loss", low=0.0)
+    recam_lr: float = key(0.0005, "ReCAM phase: lr of its new classifier; the backbone and BCE classifier get 0.1x (ReCAM's code)", positive=True)
+    recam_loss_weight: float = key(0.7, "weight of ReCAM's softmax loss next to the BCE loss (ReCAM's scripts use 0.7-1.0)", low=0.0)
 
 
 @dataclass(frozen=True)

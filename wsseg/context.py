@@ -102,6 +102,8 @@ class Progress:
         self.count = 0
         self.start = time.monotonic()
         self._next_report = every
+        self.min_interval = 5.0  # seconds between plain lines: a log is for reading, not scrolling
+        self._last_line = self.start
         self._bar = None
         self.postfix = ""
         if enabled and sys.stderr.isatty():
@@ -122,7 +124,10 @@ class Progress:
             return
         if self.total:
             percent = 100.0 * self.count / self.total
-            if percent + 1e-9 >= self._next_report or self.count == self.total:
+            now = time.monotonic()
+            due = percent + 1e-9 >= self._next_report and now - self._last_line >= self.min_interval
+            if due or (self.count == self.total and now - self.start >= self.min_interval):
+                self._last_line = now
                 elapsed = time.monotonic() - self.start
                 rate = self.count / elapsed if elapsed > 0 else 0.0
                 eta = (self.total - self.count) / rate if rate > 0 else 0.0

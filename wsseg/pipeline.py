@@ -89,8 +89,9 @@ def selected_config(config: Config, selectors: tuple[str, ...]) -> dict[str, Any
 
 def _list_digests(config: Config, keys: list[str]) -> dict[str, str]:
     from wsseg.data.voc import read_id_list
+    from wsseg.stages.artifacts import require_dataset_root
 
-    root = Path(config.data.root)
+    root = require_dataset_root(config) if keys else Path(config.data.root)
     return {key: digest(read_id_list(root, config.get(key), key=key)) for key in keys}
 
 

@@ -1,0 +1,74 @@
+"""The command line as a user meets it: exit codes, one-line errors, --debug."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def wsseg(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "wsseg.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def one_line_error(result, code, *fragments):
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("wsseg: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_config_file(tmp_path):
+    one_line_error(wsseg("status", "--config", tmp_path / "nope.yaml"), 2, "config file not found", "nope.yaml")
+
+
+def test_unknown_key_names_the_closest(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("cam:\n  epoch: 3\n")
+    one_line_error(wsseg("status", "--config", config), 2, "unknown key 'cam.epoch'", "did you mean 'epochs'")
+
+
+def test_bad_value_in_override():
+    one_line_error(wsseg("status", "--config", "pipelines/demo.yaml", "--set", "relations.conf_fg=2"), 2,
+                   "relations.conf_fg", "above the maximum")
+
+
+def test_missing_dataset_root_names_the_key(tmp_path):
+    result = wsseg("train-cam", "--config", "pipelines/demo.yaml", "--set", f"data.root={tmp_path / 'missing'}",
+                   "--set", f"run.dir={tmp_path / 'run'}")
+    one_line_error(result, 2, "data.root")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = wsseg("--debug", "status", "--config", tmp_path / "nope.yaml")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+def test_usage_error_exits_2():
+    result = wsseg("status")
+    assert result.returncode == 2
+    assert "--config" in result.stderr
+
+
+def test_unknown_command_exits_2():
+    assert wsseg("frobnicate").returncode == 2
+
+
+def test_demo_data_and_status(tmp_path):
+    out = tmp_path / "demo"
+    result = wsseg("demo-data", "--out", out, "--images", 8, "--size", 48)
+    assert result.returncode == 0, result.stderr
+    assert (out / "ImageSets" / "Segmentation" / "train.txt").exists()
+    result = wsseg("status", "--config", "pipelines/demo.yaml", "--set", f"data.root={out}", "--set", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert "train-cam" in result.stdout and "missing" in result.stdout
+
+
+def test_run_dir_inside_the_dataset_is_refused(tmp_path):
+    out = tmp_path / "demo"
+    assert wsseg("demo-data", "--out", out, "--images", 4, "--size", 48).returncode == 0
+    result = wsseg("train-cam", "--config", "pipelines/demo.yaml", "--set", f"data.root={out}", "--set", f"run.dir={out}")
+    one_line_error(result, 2, "run.dir", "data.root")

@@ -1,0 +1,676 @@
+"""The demo dataset: small synthetic scenes in the PASCAL VOC 2012 devkit layout.
+
+`wsseg demo-data` calls `generate_demo`. The scenes are built so that the demo exercises
+what makes learning segmentation from image tags hard, not only that the code runs:
+
+- **boat** (id 1): brown hull, mast, white sails. Sits on *water* in ~80 % of its images,
+  and water is rare without a boat, while water is background in the ground truth: the
+  boat-on-water co-occurrence that makes CAMs leak onto the background.
+- **crate** (id 2): tan wooden box with planks, frame and an X brace. Often several per
+  image, overlapping each other: instance separation, occlusion between same-class
+  objects (VOC draws a void band between them in the class map too).
+- **truck** (id 3): a cargo box painted exactly like a crate plus a small red cab and two
+  black wheels. The cab and wheels (~28 % of the area) are the only cue that separates
+  it from a crate, so its CAM fires on the cab and under-covers the box: the condition
+  IRN's propagation over the inter-pixel affinities is meant to fix.
+- **ring** (id 4): a purple-and-white life ring with a hole the background shows
+  through: thin structure and holes, which blob-like CAMs and CRFs fill in.
+- **ball** (id 5): a yellow ball with a red band; compact and easy, a sanity baseline.
+  It is the class most often placed across the image border (truncation).
+
+Every image holds 1-3 classes and 1-6 objects; objects lower in the image are nearer
+and occlude those behind them (consistently in pixels and both masks), each keeping at
+least 45 % of its area; backgrounds are textures (water, grass, sand, wall,
+clouds; water scenes may show a cloudy sky above a horizon). Images are non-square:
+the long side is `size`, the short side 0.7-1.0 x `size`, landscape or portrait. As in
+VOC, a void band (255) of width ~size/64 px runs along every object outline (against
+the background and between objects) in both SegmentationClass and SegmentationObject.
+
+Everything derives from the seed: image `i` is drawn from `numpy.random.default_rng([seed,
+i])`, so it does not depend on `num_images`, and two runs with the same arguments write
+byte-identical files. Each file is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from wsseg.data.images import write_label_png
+from wsseg.errors import UserError
+
+# ---- dataset-level constants
+
+DEMO_CLASSES: tuple[str, ...] = ("boat", "crate", "truck", "ring", "ball")  # class id = index + 1
+BACKGROUNDS: tuple[str, ...] = ("water", "grass", "sand", "wall", "clouds")
+
+DEFAULT_NUM_IMAGES = 240  # 180 train + 60 val: a CPU run of the whole pipeline stays in minutes
+DEFAULT_SIZE = 128  # long side in px; the demo config trains at this scale, not VOC's 512 crops
+ID_PREFIX = "2026_"  # ids look like VOC's (2007_000032): strings with leading zeros
+VAL_EVERY = 4  # every 4th image goes to val: train 75 %, val 25 %
+JPEG_QUALITY = 90
+MARKER = "wsseg_demo.json"  # marks a folder as written by generate_demo (and holds its summary)
+
+# ---- scene statistics
+
+NUM_CLASSES_PROBS = (0.5, 0.35, 0.15)  # P(1, 2, 3 classes in an image)
+INSTANCE_COUNT_PROBS = {  # P(1, 2, 3, 4 instances of the class | class present)
+    "boat": (0.8, 0.2),
+    "crate": (0.3, 0.3, 0.25, 0.15),  # the multi-instance class
+    "truck": (0.85, 0.15),
+    "ring": (0.75, 0.25),
+    "ball": (0.6, 0.3, 0.1),
+}
+MAX_OBJECTS = 6
+BOAT_ON_WATER = 0.8  # P(water background | boat in image): the co-occurrence to leak onto
+WATER_WITHOUT_BOAT = 0.1  # P(water | no boat): rare, so water predicts "boat" for a classifier
+HORIZON_PROB = 0.5  # P(a cloudy sky above the water | water background)
+OVERLAP_PROB = 0.45  # P(an object is placed against an earlier one | not the first object)
+TRUNCATE_PROB = {"ball": 0.2}  # P(placed across the image border); others use the default
+TRUNCATE_PROB_DEFAULT = 0.04
+MIN_VISIBLE_FRACTION = 0.45  # an occluded object keeps at least this share of its pixels
+PLACEMENT_TRIES = 20  # attempts per object before it is dropped (the first never fails)
+
+# ---- object sizes, as fractions of the image's short side
+
+SIZE_RANGE = {
+    "boat": (0.45, 0.7),  # hull length
+    "crate": (0.22, 0.38),  # side
+    "truck": (0.55, 0.85),  # length
+    "ring": (0.26, 0.42),  # outer diameter
+    "ball": (0.18, 0.32),  # diameter
+}
+MAX_TILT_DEGREES = {"boat": 8.0, "crate": 20.0, "truck": 5.0, "ring": 180.0, "ball": 180.0}
+
+# ---- colours (RGB 0..255)
+
+HULL = (110, 62, 32)
+SAIL = (238, 236, 226)
+SAIL_STRIPE = (200, 40, 40)
+WOOD = (196, 142, 72)  # crate and truck cargo box: the shared body
+WOOD_DARK = (128, 84, 40)
+CAB = (205, 32, 40)
+CAB_WINDOW = (170, 215, 240)
+WHEEL = (28, 28, 30)
+HUB = (150, 150, 155)
+RING_A = (140, 52, 182)
+RING_B = (240, 240, 240)
+BALL = (240, 204, 36)
+BALL_BAND = (215, 50, 30)
+
+NOISE_SIGMA = 3.0  # sensor noise added to the whole image, in 0..255 units
+
+
+# ---- background textures: (rng, height, width, unit) -> (H, W, 3) float32 in 0..255
+# `unit` is the short side / 100, so textures look alike at every `size`.
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
+    """Value noise: an N(0, 1) grid with one node every `cell` px, bilinearly upsampled; (H, W) float32."""
+    cell = max(cell, 1.0)
+    grid = rng.standard_normal((int(height / cell) + 2, int(width / cell) + 2)).astype(np.float32)
+    fine = ndimage.zoom(grid, cell, order=1)
+    return fine[:height, :width]
+
+
+def _pixel_noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    return rng.standard_normal((height, width)).astype(np.float32)
+
+
+def _colour(rgb: tuple[int, int, int], shade: np.ndarray | float = 0.0) -> np.ndarray:
+    """A base colour plus a grey shade offset: (H, W, 3) float32 when `shade` is (H, W)."""
+    return np.asarray(rgb, dtype=np.float32) + np.asarray(shade, dtype=np.float32)[..., None]
+
+
+def _texture_water(rng: np.random.Generator, height: int, width: int, unit: float) -> np.ndarray:
+    """Blue horizontal waves with pale crests."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    wavelength = rng.uniform(5.0, 8.0) * unit
+    wobble = np.sin(2 * np.pi * x / (rng.uniform(4, 7) * wavelength) + rng.uniform(0, 2 * np.pi))
+    waves = np.sin(2 * np.pi * (y / wavelength + 0.25 * wobble) + rng.uniform(0, 2 * np.pi))
+    rgb = _colour((35, 95, 165)) + waves[..., None] * np.array([10, 18, 25], np.float32)
+    rgb += 6 * _smooth_noise(rng, height, width, 10 * unit)[..., None]
+    rgb[waves > 0.9] += 45  # crests
+    return rgb
+
+
+def _texture_grass(rng: np.random.Generator, height: int, width: int, unit: float) -> np.ndarray:
+    """Green with vertical blades (noise smoothed along y) and patches."""
+    blades = ndimage.uniform_filter1d(_pixel_noise(rng, height, width), size=max(3, int(4 * unit)), axis=0)
+    shade = 40 * blades + 10 * _smooth_noise(rng, height, width, 15 * unit)
+    return _colour((80, 142, 56), shade) * np.array([0.9, 1.0, 0.8], np.float32)
+
+
+def _texture_sand(rng: np.random.Generator, height: int, width: int, unit: float) -> np.ndarray:
+    """Beige with fine speckle and soft dunes."""
+    shade = 12 * _pixel_noise(rng, height, width) + 10 * _smooth_noise(rng, height, width, 14 * unit)
+    return _colour((206, 186, 140), shade)
+
+
+def _texture_wall(rng: np.random.Generator, height: int, width: int, unit: float) -> np.ndarray:
+    """Grey stone blocks in a running bond, dark mortar, one shade per block."""
+    y, x = np.mgrid[0:height, 0:width]
+    block_h = max(4, int(round(9 * unit)))
+    block_w = 2 * block_h
+    row = y // block_h
+    x_shifted = x + (row % 2) * (block_w // 2) + int(rng.integers(block_w))
+    column = x_shifted // block_w
+    block_shade = rng.normal(0, 12, size=(int(row.max()) + 1, int(column.max()) + 1)).astype(np.float32)
+    shade = block_shade[row, column] + 5 * _pixel_noise(rng, height, width)
+    rgb = _colour((142, 140, 134), shade)
+    mortar_w = max(1, block_h // 6)
+    mortar = ((y % block_h) < mortar_w) | ((x_shifted % block_w) < mortar_w)
+    rgb[mortar] = (80, 78, 74)
+    return rgb
+
+
+def _texture_clouds(rng: np.random.Generator, height: int, width: int, unit: float) -> np.ndarray:
+    """Sky gradient with soft white clouds."""
+    t = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    sky = (1 - t) * np.array([100, 150, 215], np.float32) + t * np.array([180, 205, 235], np.float32)
+    cloud = np.clip(_smooth_noise(rng, height, width, 22 * unit) - 0.3, 0.0, 1.0)[..., None]
+    return sky * (1 - cloud) + 245 * cloud
+
+
+TEXTURES: dict[str, Callable] = {
+    "water": _texture_water,
+    "grass": _texture_grass,
+    "sand": _texture_sand,
+    "wall": _texture_wall,
+    "clouds": _texture_clouds,
+}
+
+
+# ---- objects: (u, v, length, rng) -> (mask (H, W) bool, rgb (H, W, 3) float32)
+# u, v are each pixel's coordinates in the object's frame (px; u right, v down, origin at
+# the object's centre, already rotated and mirrored); `length` is the object's long side.
+# Each function paints its parts in order, the last part winning where parts overlap.
+
+
+def _paint(mask: np.ndarray, rgb: np.ndarray, part: np.ndarray, colour: np.ndarray) -> None:
+    mask |= part
+    rgb[part] = colour[part] if colour.ndim == 3 else colour
+
+
+def _empty(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(u.shape, bool), np.zeros(u.shape + (3,), np.float32)
+
+
+def _crate_texture(u: np.ndarray, v: np.ndarray, half_u: float, half_v: float) -> np.ndarray:
+    """Planks along u, a darker frame and an X brace: shared by crates and truck cargo boxes."""
+    plank = (v + half_v) / max(2 * half_v / 4, 1.0)  # four planks
+    shade = 14 * np.cos(2 * np.pi * u / max(half_u, 1.0) * 1.5)  # grain
+    rgb = _colour(WOOD, shade)
+    seams = np.abs(plank - np.round(plank)) * (2 * half_v / 4) < 0.6
+    frame_w = 0.14 * min(half_u, half_v)
+    frame = (np.abs(u) > half_u - frame_w) | (np.abs(v) > half_v - frame_w)
+    brace_w = 0.7 * frame_w
+    diagonal = np.minimum(np.abs(u * half_v - v * half_u), np.abs(u * half_v + v * half_u)) / np.hypot(half_u, half_v)
+    dark = seams | frame | (diagonal < brace_w)
+    rgb[dark] = WOOD_DARK
+    return rgb
+
+
+def _draw_crate(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    aspect = rng.uniform(0.75, 1.0)
+    half_u, half_v = length / 2, length * aspect / 2
+    mask, rgb = _empty(u)
+    box = (np.abs(u) <= half_u) & (np.abs(v) <= half_v)
+    _paint(mask, rgb, box, _crate_texture(u, v, half_u, half_v))
+    return mask, rgb
+
+
+def _draw_truck(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Cargo box (crate texture) on the left, red cab with a window on the right, two wheels."""
+    L = length
+    mask, rgb = _empty(u)
+    box_top, box_bottom = -0.26 * L, 0.12 * L
+    box_left, box_right = -0.5 * L, 0.2 * L
+    box = (u >= box_left) & (u <= box_right) & (v >= box_top) & (v <= box_bottom)
+    half_u, half_v = (box_right - box_left) / 2, (box_bottom - box_top) / 2
+    box_u, box_v = u - (box_left + half_u), v - (box_top + half_v)
+    _paint(mask, rgb, box, _crate_texture(box_u, box_v, half_u, half_v))
+    # Cab: lower than the box, with a slanted front.
+    cab_top = -0.1 * L
+    front = 0.5 * L - 0.35 * np.clip(cab_top + 0.1 * L - v, 0, None)
+    cab = (u >= box_right) & (u <= front) & (v >= cab_top) & (v <= box_bottom)
+    _paint(mask, rgb, cab, _colour(CAB, 8 * np.sin(v)))
+    window = (u >= box_right + 0.06 * L) & (u <= front - 0.05 * L)
+    window &= (v >= cab_top + 0.03 * L) & (v <= cab_top + 0.1 * L)
+    _paint(mask, rgb, window, np.asarray(CAB_WINDOW, np.float32))
+    wheel_r = 0.085 * L
+    for wheel_u in (-0.32 * L, 0.34 * L):
+        distance = np.hypot(u - wheel_u, v - box_bottom)
+        _paint(mask, rgb, distance <= wheel_r, np.asarray(WHEEL, np.float32))
+        _paint(mask, rgb, distance <= 0.4 * wheel_r, np.asarray(HUB, np.float32))
+    return mask, rgb
+
+
+def _draw_boat(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Trapezoid hull below the deck line, a thin mast, a main sail and a jib."""
+    L = length
+    mask, rgb = _empty(u)
+    deck, keel = 0.2 * L, 0.4 * L
+    top_half, bottom_half = 0.5 * L, 0.3 * L
+    hull_half = top_half - (top_half - bottom_half) * (v - deck) / (keel - deck)
+    hull = (v >= deck) & (v <= keel) & (np.abs(u) <= hull_half)
+    planks = 12 * np.sign(np.sin(2 * np.pi * (v - deck) / max(0.07 * L, 2.0)))
+    _paint(mask, rgb, hull, _colour(HULL, planks))
+    mast_u, mast_top = -0.08 * L, -0.42 * L
+    sail_base = deck  # the sails' foot rests on the deck: one connected object
+    height = sail_base - mast_top
+    along = np.clip((v - mast_top) / height, 0, 1)  # 0 at the masthead, 1 at the sail's foot
+    main = (v >= mast_top + 0.02 * L) & (v <= sail_base) & (u >= mast_u) & (u <= mast_u + 0.42 * L * along)
+    stripe = main & (np.abs(along - rng.uniform(0.45, 0.75)) < 0.07)
+    jib = (v >= mast_top + 0.12 * L) & (v <= sail_base) & (u <= mast_u) & (u >= mast_u - 0.3 * L * (along - 0.15))
+    sail_shade = 10 * along
+    _paint(mask, rgb, main | jib, _colour(SAIL, -sail_shade))
+    _paint(mask, rgb, stripe, np.asarray(SAIL_STRIPE, np.float32))
+    mast = (np.abs(u - mast_u) <= max(0.6, 0.012 * L)) & (v >= mast_top) & (v <= deck)
+    _paint(mask, rgb, mast, np.asarray(HULL, np.float32) * 0.7)
+    return mask, rgb
+
+
+def _draw_ring(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Annulus in eight alternating segments; the hole shows the background."""
+    outer = length / 2
+    inner = outer * rng.uniform(0.5, 0.62)
+    radius = np.hypot(u, v)
+    segment = np.floor((np.arctan2(v, u) + np.pi) / (2 * np.pi) * 8).astype(int) % 2
+    shade = 18 * np.cos(np.pi * (radius - inner) / (outer - inner) - np.pi / 2)  # tube highlight
+    colours = np.where(segment[..., None] == 0, _colour(RING_A, shade), _colour(RING_B, 0.6 * shade))
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, (radius <= outer) & (radius >= inner), colours)
+    return mask, rgb
+
+
+def _draw_ball(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Yellow disc with a red band across it, darker towards the rim."""
+    radius = length / 2
+    rho = np.hypot(u, v) / radius
+    band = np.abs(v) < rng.uniform(0.18, 0.3) * radius
+    shading = (1 - 0.35 * rho**2)[..., None]
+    colours = np.where(band[..., None], _colour(BALL_BAND), _colour(BALL)) * shading
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, rho <= 1.0, colours)
+    return mask, rgb
+
+
+DRAW: dict[str, Callable] = {
+    "boat": _draw_boat,
+    "crate": _draw_crate,
+    "truck": _draw_truck,
+    "ring": _draw_ring,
+    "ball": _draw_ball,
+}
+
+
+# ---- scenes
+
+
+@dataclass
+class DemoObject:
+    """One object of a scene; `index` is its value in SegmentationObject (1..M, XML order)."""
+
+    index: int
+    name: str
+    bbox: tuple[int, int, int, int]  # xmin, ymin, xmax, ymax: 1-based, inclusive (VOC)
+    truncated: bool  # touches the image border
+    occluded: bool  # partly hidden by a later object
+
+
+@dataclass
+class DemoScene:
+    image: np.ndarray  # (H, W, 3) uint8 RGB, before JPEG
+    class_map: np.ndarray  # (H, W) uint8: 0 background, 1..C, 255 void
+    object_map: np.ndarray  # (H, W) uint8: 0 background, 1..M, 255 void
+    objects: list[DemoObject]
+    background: str  # the texture under the objects (water scenes may also show sky)
+    horizon: int | None  # row where the sky ends in a water scene, else None
+    classes: tuple[str, ...] = field(default=())  # the present class names, in class-id order
+
+
+def void_width(size: int) -> int:
+    """Width in px of the void band along outlines: ~size/64, at least 1 (VOC: 5 px at ~500 px)."""
+    return max(1, int(round(size / 64)))
+
+
+def _image_shape(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    short = int(round(size * rng.uniform(0.7, 1.0)))
+    return (short, size) if rng.random() < 0.7 else (size, short)  # (H, W), 70 % landscape
+
+
+def _choose_classes(rng: np.random.Generator) -> list[str]:
+    count = int(rng.choice(len(NUM_CLASSES_PROBS), p=NUM_CLASSES_PROBS)) + 1
+    picked = rng.choice(len(DEMO_CLASSES), size=count, replace=False)
+    return [DEMO_CLASSES[i] for i in sorted(picked)]
+
+
+def _choose_background(rng: np.random.Generator, classes: list[str]) -> str:
+    water_prob = BOAT_ON_WATER if "boat" in classes else WATER_WITHOUT_BOAT
+    if rng.random() < water_prob:
+        return "water"
+    others = [name for name in BACKGROUNDS if name != "water"]
+    return others[int(rng.integers(len(others)))]
+
+
+def _object_frame(
+    height: int, width: int, centre: tuple[float, float], angle_degrees: float, mirror: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel object coordinates (u, v): image coordinates about `centre`, rotated, mirrored."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    dy, dx = y - centre[0], x - centre[1]
+    theta = np.deg2rad(angle_degrees)
+    u = np.cos(theta) * dx + np.sin(theta) * dy
+    v = -np.sin(theta) * dx + np.cos(theta) * dy
+    return (-u if mirror else u), v
+
+
+def _uniform_inside(rng: np.random.Generator, margin: float, length: int) -> float:
+    """A coordinate at least `margin` px from both ends of [0, length), or the middle if none is."""
+    if 2 * margin >= length:
+        return length / 2
+    return float(rng.uniform(margin, length - margin))
+
+
+def _sample_centre(
+    rng: np.random.Generator, extent: float, height: int, width: int, placed: list[dict], across_border: bool
+) -> tuple[float, float]:
+    """Centre (y, x) of a new object of half-extent `extent`: free, against an earlier object, or across the border."""
+    if across_border:
+        y, x = _uniform_inside(rng, extent, height), _uniform_inside(rng, extent, width)
+        inset = rng.uniform(0.3, 0.8) * extent  # distance of the centre from the cut edge
+        side = int(rng.integers(4))  # top, bottom, left, right
+        if side < 2:
+            y = inset if side == 0 else height - inset
+        else:
+            x = inset if side == 2 else width - inset
+        return y, x
+    if placed and rng.random() < OVERLAP_PROB:
+        anchor = placed[int(rng.integers(len(placed)))]
+        angle = rng.uniform(0, 2 * np.pi)
+        distance = rng.uniform(0.4, 0.8) * (extent + anchor["extent"])
+        y, x = anchor["centre"][0] + distance * np.sin(angle), anchor["centre"][1] + distance * np.cos(angle)
+    else:
+        y, x = _uniform_inside(rng, extent, height), _uniform_inside(rng, extent, width)
+    return float(np.clip(y, 0, height - 1)), float(np.clip(x, 0, width - 1))
+
+
+def _visible_masks(masks: list[np.ndarray]) -> list[np.ndarray]:
+    """What is left of each mask (back to front) once every later mask is drawn over it."""
+    covered = np.zeros_like(masks[0])
+    visible = []
+    for mask in reversed(masks):
+        visible.append(mask & ~covered)
+        covered = covered | mask
+    return visible[::-1]
+
+
+def _touches_border(mask: np.ndarray) -> bool:
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+def _place_objects(
+    rng: np.random.Generator, classes: list[str], height: int, width: int, horizon: int | None
+) -> list[dict]:
+    """Place the objects of `classes`; reject placements that hide too much of any object.
+
+    Returns one dict per kept object (name, full mask, visible mask, rgb, centre, extent),
+    back to front: objects whose lowest pixel is lower in the image are nearer and drawn
+    later. Only objects drawn "across the border" may touch the image border.
+    """
+    short = min(height, width)
+    min_area = max(12, int((short / 12) ** 2))
+    names = []
+    for name in classes:
+        probs = INSTANCE_COUNT_PROBS[name]
+        names += [name] * (int(rng.choice(len(probs), p=probs)) + 1)
+    names = [names[i] for i in rng.permutation(len(names))][:MAX_OBJECTS]
+    placed: list[dict] = []  # back to front: a lower object (nearer the camera) is drawn later
+    for name in names:
+        for attempt in range(PLACEMENT_TRIES):
+            length = rng.uniform(*SIZE_RANGE[name]) * short
+            extent = length / 2
+            across_border = bool(rng.random() < TRUNCATE_PROB.get(name, TRUNCATE_PROB_DEFAULT))
+            centre = _sample_centre(rng, extent, height, width, placed, across_border)
+            if name == "boat" and horizon is not None:
+                # The hull floats: its deck line (0.2 L = 0.4 extent below the centre) is in the water.
+                centre = (max(centre[0], horizon - 0.4 * extent + rng.uniform(0.05, 0.3) * extent), centre[1])
+            angle = rng.uniform(-MAX_TILT_DEGREES[name], MAX_TILT_DEGREES[name])
+            u, v = _object_frame(height, width, centre, angle, mirror=bool(rng.random() < 0.5))
+            mask, rgb = DRAW[name](u, v, length, rng)
+            last_chance = not placed and attempt == PLACEMENT_TRIES - 1  # every image keeps an object
+            if mask.sum() < min_area or (_touches_border(mask) and not across_border and not last_chance):
+                continue
+            rows = np.flatnonzero(mask.any(axis=1))
+            new = dict(name=name, mask=mask, rgb=rgb, centre=centre, extent=extent, depth=int(rows.max()))
+            candidate = sorted(placed + [new], key=lambda item: item["depth"])  # stable: ties keep the older first
+            visible = _visible_masks([item["mask"] for item in candidate])
+            if all(
+                seen.sum() >= max(min_area, MIN_VISIBLE_FRACTION * item["mask"].sum())
+                for item, seen in zip(candidate, visible)
+            ):
+                placed = candidate
+                break
+    for item, seen in zip(placed, _visible_masks([item["mask"] for item in placed])):
+        item["visible"] = seen
+    if not placed:
+        raise RuntimeError("demo scene without objects: the object sizes no longer fit the image; fix SIZE_RANGE")
+    return placed
+
+
+def _void_band(object_map: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within the band of `width` px centred on outlines between different object ids, (H, W) bool.
+
+    A (width + 1)-square window sees two ids for exactly `width` pixels across a straight edge.
+    """
+    window = width + 1
+    return ndimage.maximum_filter(object_map, size=window, mode="nearest") != ndimage.minimum_filter(
+        object_map, size=window, mode="nearest"
+    )
+
+
+def make_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> DemoScene:
+    """Image number `index` of the dataset with this seed: pixels, both label maps, objects."""
+    rng = np.random.default_rng([seed, index])
+    height, width = _image_shape(rng, size)
+    unit = min(height, width) / 100
+    classes = _choose_classes(rng)
+    background = _choose_background(rng, classes)
+    canvas = TEXTURES[background](rng, height, width, unit)
+    horizon = None
+    if background == "water" and rng.random() < HORIZON_PROB:
+        horizon = int(rng.uniform(0.2, 0.45) * height)
+        canvas[:horizon] = _texture_clouds(rng, horizon, width, unit)
+
+    placed = _place_objects(rng, classes, height, width, horizon)
+    object_map = np.zeros((height, width), np.uint8)
+    for number, item in enumerate(placed, start=1):
+        brightness = rng.uniform(0.85, 1.15)  # per-object colour jitter
+        canvas[item["mask"]] = item["rgb"][item["mask"]] * brightness
+        object_map[item["mask"]] = number
+    class_ids = np.array([0] + [DEMO_CLASSES.index(item["name"]) + 1 for item in placed], np.uint8)
+    class_map = class_ids[object_map]
+    void = _void_band(object_map, void_width(size))
+    object_map[void] = 255
+    class_map[void] = 255
+
+    canvas = canvas * rng.uniform(0.9, 1.1) + NOISE_SIGMA * rng.standard_normal(canvas.shape).astype(np.float32)
+    image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+
+    objects = []
+    for number, item in enumerate(placed, start=1):
+        rows, cols = np.nonzero(item["visible"])
+        truncated = rows.min() == 0 or cols.min() == 0 or rows.max() == height - 1 or cols.max() == width - 1
+        bbox = (int(cols.min()) + 1, int(rows.min()) + 1, int(cols.max()) + 1, int(rows.max()) + 1)
+        occluded = bool(item["visible"].sum() < item["mask"].sum())
+        objects.append(DemoObject(number, item["name"], bbox, bool(truncated), occluded))
+    present = tuple(name for name in DEMO_CLASSES if any(obj.name == name for obj in objects))
+    return DemoScene(image, class_map, object_map, objects, background, horizon, present)
+
+
+# ---- files
+
+
+def image_id(index: int) -> str:
+    """The id of image number `index` (0-based): 2026_000001, 2026_000002, ..."""
+    return f"{ID_PREFIX}{index + 1:06d}"
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through `write(tmp)` to a temporary name in the same folder, then rename into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
+
+
+def _annotation_xml(scene: DemoScene, name: str) -> str:
+    height, width = scene.class_map.shape
+    root = ElementTree.Element("annotation")
+    ElementTree.SubElement(root, "folder").text = "WSSEG_DEMO"
+    ElementTree.SubElement(root, "filename").text = f"{name}.jpg"
+    size = ElementTree.SubElement(root, "size")
+    for tag, value in (("width", width), ("height", height), ("depth", 3)):
+        ElementTree.SubElement(size, tag).text = str(value)
+    ElementTree.SubElement(root, "segmented").text = "1"
+    for obj in scene.objects:
+        element = ElementTree.SubElement(root, "object")
+        ElementTree.SubElement(element, "name").text = obj.name
+        ElementTree.SubElement(element, "pose").text = "Unspecified"
+        ElementTree.SubElement(element, "truncated").text = str(int(obj.truncated))
+        ElementTree.SubElement(element, "occluded").text = str(int(obj.occluded))
+        ElementTree.SubElement(element, "difficult").text = "0"
+        box = ElementTree.SubElement(element, "bndbox")
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), obj.bbox):
+            ElementTree.SubElement(box, tag).text = str(value)
+    ElementTree.indent(root, space="\t")
+    return ElementTree.tostring(root, encoding="unicode") + "\n"
+
+
+def _write_scene(out: Path, name: str, scene: DemoScene) -> None:
+    jpeg = Image.fromarray(scene.image, mode="RGB")
+    _atomic_write(out / "JPEGImages" / f"{name}.jpg", lambda tmp: jpeg.save(tmp, format="JPEG", quality=JPEG_QUALITY))
+    _atomic_write(out / "SegmentationClass" / f"{name}.png", lambda tmp: write_label_png(tmp, scene.class_map))
+    _atomic_write(out / "SegmentationObject" / f"{name}.png", lambda tmp: write_label_png(tmp, scene.object_map))
+    _write_text(out / "Annotations" / f"{name}.xml", _annotation_xml(scene, name))
+
+
+_IMAGE_FOLDERS = ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations")
+_FOLDERS = _IMAGE_FOLDERS + ("ImageSets/Segmentation", "ImageSets/Main")
+_OWN_FILE = re.compile(re.escape(ID_PREFIX) + r"\d{6}\.(jpg|png|xml)")
+
+
+def _prepare(out: Path) -> None:
+    """Refuse a non-empty folder this generator did not write; else create the layout."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file; give a folder for the demo dataset")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(
+            f"--out: {out} is not empty and was not written by `wsseg demo-data` (no {MARKER}); "
+            f"choose an empty or new folder"
+        )
+    for folder in _FOLDERS:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    _write_text(out / MARKER, json.dumps({"generator": "wsseg demo-data", "complete": False}) + "\n")
+
+
+def _remove_stale(out: Path, keep: set[str]) -> None:
+    """Remove images of an earlier, larger generation and temporary files of an interrupted one."""
+    for folder in _IMAGE_FOLDERS:
+        for path in (out / folder).iterdir():
+            own = _OWN_FILE.fullmatch(path.name) and path.stem not in keep
+            leftover = path.name.startswith(".") and path.name.endswith(".tmp")
+            if own or leftover:
+                path.unlink()
+
+
+def generate_demo(
+    out: str | os.PathLike,
+    num_images: int = DEFAULT_NUM_IMAGES,
+    seed: int = 0,
+    size: int = DEFAULT_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write the demo dataset in the VOC 2012 devkit layout under `out`; return its summary.
+
+    `progress(done, total)` is called after each image. The summary (also written to
+    `out/wsseg_demo.json`) holds the arguments, the list sizes, images and instances per
+    class, and counts of the hard cases (multi-instance, multi-class, occluded, truncated,
+    boat on water). Rerunning into the same folder regenerates it in place.
+    """
+    if num_images < VAL_EVERY:
+        raise UserError(f"--images: {num_images} is too few; give at least {VAL_EVERY} so that val is not empty")
+    if not 32 <= size <= 4096:
+        raise UserError(f"--size: {size} px is out of range; give a long side between 32 and 4096 px")
+    if seed < 0:
+        raise UserError(f"--seed: {seed} is negative; give a seed >= 0")
+    out = Path(out)
+    _prepare(out)
+
+    ids = [image_id(index) for index in range(num_images)]
+    val = [ids[i] for i in range(num_images) if i % VAL_EVERY == VAL_EVERY - 1]
+    train = [ids[i] for i in range(num_images) if i % VAL_EVERY != VAL_EVERY - 1]
+    images_per_class = dict.fromkeys(DEMO_CLASSES, 0)
+    instances_per_class = dict.fromkeys(DEMO_CLASSES, 0)
+    backgrounds = dict.fromkeys(BACKGROUNDS, 0)
+    hard_cases = dict.fromkeys(
+        ("multi_instance", "multi_class", "occluded", "truncated", "boat", "boat_on_water", "water_without_boat"), 0
+    )
+    for index, name in enumerate(ids):
+        scene = make_scene(index, seed, size)
+        _write_scene(out, name, scene)
+        names = [obj.name for obj in scene.objects]
+        for cls in scene.classes:
+            images_per_class[cls] += 1
+        for cls in names:
+            instances_per_class[cls] += 1
+        backgrounds[scene.background] += 1
+        hard_cases["multi_instance"] += int(len(names) > len(set(names)))
+        hard_cases["multi_class"] += int(len(scene.classes) > 1)
+        hard_cases["occluded"] += int(any(obj.occluded for obj in scene.objects))
+        hard_cases["truncated"] += int(any(obj.truncated for obj in scene.objects))
+        hard_cases["boat"] += int("boat" in scene.classes)
+        hard_cases["boat_on_water"] += int("boat" in scene.classes and scene.background == "water")
+        hard_cases["water_without_boat"] += int("boat" not in scene.classes and scene.background == "water")
+        if progress is not None:
+            progress(index + 1, num_images)
+
+    lists = {"train": train, "val": val, "trainval": ids, "train_aug": train}
+    for list_name, members in lists.items():
+        _write_text(out / "ImageSets" / "Segmentation" / f"{list_name}.txt", "".join(f"{i}\n" for i in members))
+    _write_text(out / "ImageSets" / "Main" / "trainval.txt", "".join(f"{i}\n" for i in ids))
+    _remove_stale(out, set(ids))
+
+    summary = {
+        "generator": "wsseg demo-data",
+        "complete": True,
+        "num_images": num_images,
+        "seed": seed,
+        "size": size,
+        "void_width": void_width(size),
+        "classes": list(DEMO_CLASSES),
+        "lists": {list_name: len(members) for list_name, members in lists.items()},
+        "images_per_class": images_per_class,
+        "instances_per_class": instances_per_class,
+        "backgrounds": backgrounds,
+        "hard_cases": hard_cases,
+    }
+    _write_text(out / MARKER, json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,139 @@
+"""`wsseg inspect`: one PNG panel per image showing what every finished stage produced,
+plus an index.html gallery with the stage metrics on top.
+
+Each stage contributes tiles from its cached artifacts (nothing is recomputed); a stage
+that has not run yet simply adds nothing. `--worst K` picks the K images whose labels
+disagree most with the ground truth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from wsseg import viz
+from wsseg.config import Config
+from wsseg.data.voc import VOCDataset
+from wsseg.metrics import ConfusionMatrix
+from wsseg.pipeline import available_stages, outputs_of
+from wsseg.stages import artifacts
+from wsseg.store import RunStore
+
+TileMaker = Callable[["ImageView"], list[np.ndarray]]
+
+
+class ImageView:
+    """One image's inputs and cached artifacts, loaded lazily."""
+
+    def __init__(self, config: Config, store: RunStore, dataset: VOCDataset, image_id: str):
+        self.config, self.store, self.dataset, self.id = config, store, dataset, image_id
+        self.image = dataset.read_image(image_id)
+        self.names = list(config.data.classes)
+        self.ground_truth = dataset.read_semantic(image_id) if dataset.has_semantic(image_id) else None
+
+    def legend(self, labels: np.ndarray):
+        return viz.class_legend(labels, self.names)
+
+    def labels_tile(self, title: str, labels: np.ndarray) -> np.ndarray:
+        colors = viz.overlay(self.image, viz.label_colors(labels), 0.6, mask=labels > 0)
+        return viz.tile(title, colors, legend=self.legend(labels))
+
+
+def cam_tiles(view: ImageView) -> list[np.ndarray]:
+    from wsseg.stages.make_cam import cam_label_map
+
+    cams = artifacts.read_cams(artifacts.cam_path(view.store, view.id))
+    if cams is None:
+        return []
+    tiles = []
+    for channel, key in enumerate(cams["keys"]):
+        tiles.append(viz.tile(f"CAM {view.names[key]}", viz.cam_overlay(view.image, cams["high_res"][channel])))
+    threshold = view.config.cam.eval_threshold
+    tiles.append(view.labels_tile(f"CAM labels (bg {threshold:.2f})", cam_label_map(cams, threshold)))
+    return tiles
+
+
+# Stage name -> the function drawing its tiles. Later stages add one line each.
+TILES: dict[str, TileMaker] = {
+    "make-cam": cam_tiles,
+}
+
+
+def extra_tiles() -> dict[str, TileMaker]:
+    """Tiles contributed by stage modules that define `inspect_tiles(view)`."""
+    return {stage.NAME: stage.inspect_tiles for stage in available_stages() if hasattr(stage, "inspect_tiles")}
+
+
+def panel_for(view: ImageView) -> np.ndarray:
+    tiles = [viz.tile(f"image {view.id}", view.image)]
+    if view.ground_truth is not None:
+        tiles.append(view.labels_tile("ground truth", view.ground_truth))
+    makers = {**TILES, **extra_tiles()}
+    for stage in available_stages():
+        maker = makers.get(stage.NAME)
+        if maker is not None:
+            tiles.extend(maker(view))
+    return viz.panel(tiles, columns=4)
+
+
+def disagreement(view: ImageView) -> float | None:
+    """1 - mIoU of the most refined labels available for this image (None without ground truth)."""
+    if view.ground_truth is None:
+        return None
+    labels = artifacts.read_labels(view.store.folder("labels") / "semantic" / f"{view.id}.png")
+    if labels is None:
+        from wsseg.stages.make_cam import cam_label_map
+
+        cams = artifacts.read_cams(artifacts.cam_path(view.store, view.id))
+        if cams is None:
+            return None
+        labels = cam_label_map(cams, view.config.cam.eval_threshold)
+    matrix = ConfusionMatrix(len(view.names) + 1)
+    matrix.update(labels, view.ground_truth)
+    miou = matrix.summary()["miou"]
+    return None if miou is None else 1.0 - miou
+
+
+def stage_metrics(config: Config, store: RunStore) -> dict[str, dict[str, float | str]]:
+    table: dict[str, dict[str, float | str]] = {}
+    for stage in available_stages():
+        record = store.record(outputs_of(stage, config)[0])
+        if not record or not record.get("metrics"):
+            continue
+        flat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record["metrics"].items()
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        table[stage.NAME] = flat
+    return table
+
+
+def inspect(config: Config, image_ids: list[str], out: Path, *, worst: int | None = None, progress=None) -> Path:
+    """Write `<out>/<id>.png` panels and `<out>/index.html`; returns the index path."""
+    store = RunStore(Path(config.run.dir))
+    dataset = artifacts.open_dataset(config)
+    if not image_ids:
+        candidates = artifacts.image_ids(config, "data.eval_list")
+        if worst:
+            scored = []
+            for image_id in candidates:
+                if not dataset.has_semantic(image_id):
+                    continue
+                score = disagreement(ImageView(config, store, dataset, image_id))
+                if score is not None:
+                    scored.append((score, image_id))
+            image_ids = [i for _, i in sorted(scored, reverse=True)[:worst]]
+        else:
+            image_ids = candidates[:8]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    iterator = progress(image_ids, desc="inspect") if progress else image_ids
+    for image_id in iterator:
+        view = ImageView(config, store, dataset, image_id)
+        name = f"{image_id}.png"
+        viz.save_png(out / name, panel_for(view))
+        score = disagreement(view)
+        rows.append({"id": image_id, "panel": name, "note": "" if score is None else f"label mIoU vs ground truth {1 - score:.3f}"})
+    index = out / "index.html"
+    viz.write_gallery(index, f"wsseg inspect: {config.run.dir}", stage_metrics(config, store), rows)
+    return index

@@ -1,0 +1,207 @@
+"""The CAM network of IRN (Ahn et al., CVPR 2019), ReCAM (Chen et al., CVPR 2022),
+and the multi-scale + flip CAM inference of IRN's make_cam.
+
+The network is a ResNet, global average pooling and a bias-free 1x1 conv classifier.
+Its class activation map for class k is ReLU(w_k . f(x, y)) over the layer4 features:
+the classifier applied before the pooling. IRN's backbone is
+ResNet(strides=(1, 2, 2, 1)) with no dilation: output stride 16.
+
+ReCAM adds a second bias-free classifier. During its extra training epochs every
+present class k gets a class-specific feature, the spatial mean of
+(CAM_k / max CAM_k) * features, and the second classifier must tell which class the
+feature belongs to (softmax cross-entropy). ReCAM's map uses the elementwise product
+of both classifiers' weights. A training loop does:
+
+    logits, recam_logits = model(images, with_recam=True)
+    loss = cam_loss(logits, tags) + recam_weight * recam_loss(recam_logits, tags)
+
+Everything that has parameters runs inside forward(), so DistributedDataParallel sees
+the second classifier's gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsseg.models.backbones import ResNet
+
+# IRN divides each CAM channel by its spatial max plus this (make_cam, ReCAM's features).
+_MAX_EPS = 1e-5
+
+
+class CAMNet(nn.Module):
+    """ResNet + GAP + 1x1 classifier (no bias); optionally ReCAM's second classifier.
+
+    Args:
+        backbone: a ResNet (IRN: ResNet(50, strides=(1, 2, 2, 1), frozen_bn=True,
+            trainable=("layer3", "layer4"))).
+        num_classes: number of foreground classes C (channel k is 0-based class k).
+        recam: add ReCAM's classifier (`recam_classifier`); cams() then returns
+            ReCAM's map by default.
+    """
+
+    def __init__(self, backbone: ResNet, num_classes: int, *, recam: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.recam = recam
+        features = backbone.channels["layer4"]
+        # PyTorch's default conv init, as in IRN (only the backbone gets kaiming init).
+        self.classifier = nn.Conv2d(features, num_classes, 1, bias=False)
+        self.recam_classifier = nn.Conv2d(features, num_classes, 1, bias=False) if recam else None
+
+    def forward(self, x: Tensor, *, with_recam: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """x (B, 3, H, W) normalised -> logits (B, C).
+
+        with_recam=True returns (logits, recam_logits): recam_logits (B, C, C)[b, k] are
+        the second classifier's C logits for image b's class-k feature, the spatial mean
+        of (CAM_k / (max CAM_k + 1e-5)) * layer4 features (ReCAM; gradients flow through
+        the CAM and its max). Use them with recam_loss().
+        """
+        features = self.backbone(x)["layer4"]
+        logits = self.classifier(features.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        if not with_recam:
+            return logits
+        if self.recam_classifier is None:
+            raise ValueError("with_recam=True needs a CAMNet built with recam=True")
+        cams = F.relu(F.conv2d(features, self.classifier.weight))
+        cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + _MAX_EPS)
+        # mean_hw(cam[b,k] * f[b,d]) as one batched matmul: (B, C, HW) @ (B, HW, D),
+        # instead of ReCAM's (B, C, D, H, W) broadcast product.
+        class_features = torch.bmm(cams.flatten(2), features.flatten(2).transpose(1, 2))
+        class_features = class_features / features[0, 0].numel()
+        recam_logits = F.linear(class_features, self.recam_classifier.weight.flatten(1))
+        return logits, recam_logits
+
+    def cam_weight(self, *, recam: bool | None = None) -> Tensor:
+        """The (C, D, 1, 1) 1x1-conv weight whose ReLU'd response is the CAM.
+
+        recam None follows the model (recam=True: ReCAM's elementwise product of both
+        classifiers' weights); False gives the plain CAM of a ReCAM model.
+        """
+        use_recam = self.recam if recam is None else recam
+        if not use_recam:
+            return self.classifier.weight
+        if self.recam_classifier is None:
+            raise ValueError("recam=True needs a CAMNet built with recam=True")
+        return self.classifier.weight * self.recam_classifier.weight
+
+    def cams(self, x: Tensor, *, recam: bool | None = None) -> Tensor:
+        """x (B, 3, H, W) -> CAMs (B, C, h, w) >= 0 at the backbone's output stride."""
+        features = self.backbone(x)["layer4"]
+        return F.relu(F.conv2d(features, self.cam_weight(recam=recam)))
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters that learn, head parameters) for the 1x / 10x learning rates.
+
+        The heads are `classifier` and, with recam, `recam_classifier` (last). ReCAM's
+        recipe gives the classifier the backbone's rate and only `recam_classifier` the
+        full rate: take `model.recam_classifier.weight` out of the second list for that.
+        """
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        heads = [p for p in self.classifier.parameters() if p.requires_grad]
+        if self.recam_classifier is not None:
+            heads += [p for p in self.recam_classifier.parameters() if p.requires_grad]
+        return backbone, heads
+
+
+def cam_loss(logits: Tensor, tags: Tensor) -> Tensor:
+    """Multi-label soft margin loss: sigmoid BCE averaged over classes and the batch.
+
+    logits (B, C) float; tags (B, C) multi-hot 0/1 (any dtype). Computed in float32.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), tags.to(torch.float32))
+
+
+def recam_loss(recam_logits: Tensor, tags: Tensor) -> Tensor:
+    """ReCAM's softmax cross-entropy on class-specific features.
+
+    recam_logits (B, C, C) from `model(x, with_recam=True)`; tags (B, C) multi-hot.
+    For every image, the cross-entropy of each present class's feature against its
+    class index, averaged over the image's present classes; summed over images and
+    divided by the batch size B (images without tags count as 0, as in ReCAM's code).
+    """
+    batch = recam_logits.shape[0]
+    present = tags > 0.5
+    image_index, class_index = present.nonzero(as_tuple=True)
+    if image_index.numel() == 0:
+        return recam_logits.float().sum() * 0.0
+    per_pair = F.cross_entropy(recam_logits[image_index, class_index].float(), class_index,
+                               reduction="none")
+    classes_per_image = present.sum(dim=1).to(per_pair.dtype)
+    return (per_pair / classes_per_image[image_index]).sum() / batch
+
+
+def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
+                    scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), *,
+                    recam: bool | None = None,
+                    amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """IRN's make_cam for one image: multi-scale, flip-summed, max-normalised CAMs.
+
+    Args:
+        model: the CAM network, on the image's device (switched to eval() for the call,
+            its mode restored after).
+        image: (3, H, W) float, ImageNet-normalised.
+        keys: (K,) int64 0-based present classes; the output channels, in this order.
+        scales: image scales (IRN: 1.0, 0.5, 1.5, 2.0).
+        recam: None follows the model; see CAMNet.cam_weight.
+        amp_dtype: run the backbone under torch.autocast with this dtype (e.g.
+            torch.bfloat16 on CUDA); the sums are float32.
+
+    Returns:
+        cam: (K, ceil(H/4), ceil(W/4)) float32, stride-4 pixels.
+        high_res: (K, H, W) float32.
+        Each channel divided by its own spatial max + 1e-5 (so its max is ~1, or 0 for
+        an all-zero map). For every scale s the image is resized to round(s*H) x
+        round(s*W) (bicubic with antialiasing, like IRN's PIL resize); the image and
+        its horizontal flip run as one batch of 2 and give CAM(img) + flip(CAM(flip)).
+        `cam` sums every scale's map resized (bilinear, align_corners=False) to
+        ceil(H/4) x ceil(W/4); `high_res` sums them resized to
+        (ceil(H/16)*16, ceil(W/16)*16) and crops to H x W.
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    height, width = image.shape[1:]
+    device = image.device
+    small_size = (math.ceil(height / 4), math.ceil(width / 4))
+    padded_size = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
+    keys = keys.to(device=device, dtype=torch.long)
+    if keys.numel() == 0:
+        return (torch.zeros((0, *small_size), device=device),
+                torch.zeros((0, height, width), device=device))
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            weight = model.cam_weight(recam=recam)[keys].float()
+            cam = torch.zeros((keys.numel(), *small_size), device=device)
+            high_res = torch.zeros((keys.numel(), *padded_size), device=device)
+            for scale in scales:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                scaled = image[None].float()
+                if size != (height, width):
+                    scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False,
+                                           antialias=True)
+                pair = torch.cat([scaled, scaled.flip(-1)])
+                autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                            else contextlib.nullcontext())
+                with autocast:
+                    features = model.backbone(pair)["layer4"]
+                maps = F.relu(F.conv2d(features.float(), weight))
+                summed = (maps[0] + maps[1].flip(-1))[None]
+                cam += F.interpolate(summed, size=small_size, mode="bilinear", align_corners=False)[0]
+                high_res += F.interpolate(summed, size=padded_size, mode="bilinear", align_corners=False)[0]
+            high_res = high_res[:, :height, :width]
+            cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
+            high_res = high_res / (high_res.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
+    finally:
+        model.train(was_training)
+    # Clones outside inference mode are ordinary tensors the caller may edit in place.
+    return cam.clone(), high_res.clone()

@@ -1,0 +1,133 @@
+"""The files the stages exchange (DESIGN.md's artifact table), read and written in one place.
+
+Writers go through `atomic_path`, so a file that exists is whole. Readers of per-image
+artifacts return None for a damaged file (truncated by a full disk, say), so the stage
+that owns it recomputes it instead of trusting it. Also: opening the dataset and its
+image lists from the config, and building networks from files other stages wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsseg.config import Config
+from wsseg.data.images import read_label_png, write_label_png
+from wsseg.data.voc import VOCDataset, read_id_list
+from wsseg.errors import UserError
+from wsseg.store import RunStore, atomic_path
+
+# ---------------------------------------------------------------------------- dataset
+
+
+def open_dataset(config: Config) -> VOCDataset:
+    return VOCDataset(config.data.root, config.data.classes, cls_labels=config.data.cls_labels, label_dirs=config.data.label_dirs)
+
+
+def require_dataset_root(config: Config) -> Path:
+    root = Path(config.data.root)
+    if not root.is_dir():
+        raise UserError(f"data.root: {root} does not exist; point it at the dataset folder (the one with JPEGImages/), "
+                        f"or run `wsseg demo-data` for the demo")
+    return root
+
+
+def image_ids(config: Config, *keys: str) -> list[str]:
+    """The ids of one or more `data.*_list` keys, in order, without duplicates."""
+    require_dataset_root(config)
+    seen: dict[str, None] = {}
+    for key in keys:
+        for image_id in read_id_list(Path(config.data.root), config.get(key), key=key):
+            seen.setdefault(image_id, None)
+    return list(seen)
+
+
+def ids_with_ground_truth(dataset: VOCDataset, ids: list[str]) -> list[str]:
+    return [i for i in ids if dataset.has_semantic(i)]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_torch(path: Path, payload: dict) -> None:
+    """Write a checkpoint atomically (tensors, numbers, strings, lists and dicts only)."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_torch(path: Path, what: str) -> dict:
+    """Read a checkpoint written by wsseg; never unpickles arbitrary objects (weights_only)."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found; run the stage that makes it first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any damage or a refused pickle is the same to the user
+        raise UserError(f"{path}: cannot load {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                        f"rerun the stage with --force") from None
+
+
+# ---------------------------------------------------------------------------- CAMs
+
+
+def cam_path(store: RunStore, image_id: str) -> Path:
+    return store.folder("cams") / f"{image_id}.npz"
+
+
+def write_cams(path: Path, keys: np.ndarray, cam: np.ndarray, high_res: np.ndarray) -> None:
+    """`keys` (K,) int64 0-based classes; `cam` (K, ceil(H/4), ceil(W/4)); `high_res` (K, H, W); stored float16."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, keys=np.asarray(keys, np.int64), cam=np.asarray(cam, np.float16),
+                                high_res=np.asarray(high_res, np.float16))
+
+
+def read_cams(path: Path) -> dict[str, np.ndarray] | None:
+    """{"keys", "cam", "high_res"} as int64/float32, or None if missing or damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {"keys": data["keys"].astype(np.int64), "cam": data["cam"].astype(np.float32),
+                   "high_res": data["high_res"].astype(np.float32)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if out["cam"].shape[0] != out["keys"].shape[0] or out["high_res"].shape[0] != out["keys"].shape[0]:
+        return None
+    return out
+
+
+def npz_is_whole(path: Path) -> bool:
+    """True if `path` is a readable .npz whose members all decompress (a cheap CRC check)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
+
+
+# ---------------------------------------------------------------------------- label maps
+
+
+def write_labels(path: Path, labels: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        write_label_png(tmp, labels.astype(np.uint8))
+
+
+def read_labels(path: Path) -> np.ndarray | None:
+    """A palette-PNG label map written by a stage, or None if missing or damaged."""
+    try:
+        return read_label_png(path)
+    except UserError:
+        return None
+
+
+def png_is_whole(path: Path) -> bool:
+    return read_labels(path) is not None
+
+
+def encode_npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()

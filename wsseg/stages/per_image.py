@@ -1,0 +1,62 @@
+"""The loop every per-image stage runs (make-cam, mine-relations, synthesize-labels).
+
+Each rank takes every world_size-th image; an image whose output exists and reads back
+whole is skipped (resume), a damaged one is recomputed; an unreadable input image stops
+the stage with one line naming the file, or with `data.on_bad_image: skip` is left out
+and listed in `<folder>/skipped.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from wsseg.context import StageContext
+from wsseg.errors import UserError
+from wsseg.store import read_json, write_json
+
+
+def pending(ids: list[str], output: Callable[[str], Path], is_whole: Callable[[Path], bool]) -> list[str]:
+    """The ids whose output is missing or damaged (damaged files are deleted)."""
+    todo = []
+    for image_id in ids:
+        path = output(image_id)
+        if path.exists() and is_whole(path):
+            continue
+        path.unlink(missing_ok=True)
+        todo.append(image_id)
+    return todo
+
+
+def for_each_image(ctx: StageContext, ids: list[str], output: Callable[[str], Path], is_whole: Callable[[Path], bool],
+                   work: Callable[[str], None], *, report_folder: Path, desc: str | None = None) -> dict:
+    """Run `work(image_id)` (which writes `output(image_id)`) for this rank's pending images."""
+    mine = ctx.dist.shard(ids)
+    todo = pending(mine, output, is_whole)
+    if len(todo) < len(mine):
+        ctx.log.info("%s: %d of %d images already done, %d to go", ctx.name, len(mine) - len(todo), len(mine), len(todo))
+    skipped = {}
+    bar = ctx.progress(total=len(todo), desc=desc or ctx.name)
+    for image_id in todo:
+        try:
+            work(image_id)
+        except UserError as error:
+            if ctx.config.data.on_bad_image != "skip":
+                bar.close()
+                raise
+            skipped[image_id] = str(error)
+            ctx.log.warning("%s: skipped %s: %s", ctx.name, image_id, error)
+        bar.update(1)
+    bar.close()
+    if skipped:
+        report = report_folder / f"skipped{'' if not ctx.dist.enabled else f'.rank{ctx.dist.rank}'}.json"
+        previous = read_json(report) or {}
+        write_json(report, {**previous, **skipped})
+    return {"done": len(mine) - len(skipped), "skipped": len(skipped)}
+
+
+def skipped_ids(report_folder: Path) -> set[str]:
+    ids: set[str] = set()
+    for report in report_folder.glob("skipped*.json"):
+        ids.update((read_json(report) or {}).keys())
+    return ids

@@ -1,0 +1,187 @@
+"""The training loop every training stage shares (train-cam, train-irn, train-segmenter).
+
+SGD with per-group learning rates and the poly schedule lr·(1 − step/max_step)^0.9,
+reproducible sampling (the order depends on seed and epoch only, not on workers or
+resumes), AMP on CUDA, DistributedDataParallel under torchrun, a checkpoint written
+atomically after every epoch and resumed from after a kill, and a NaN/inf guard that
+stops with a message while keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from wsseg.context import StageContext
+from wsseg.errors import RunFailure, UserError
+from wsseg.stages.artifacts import load_torch, save_torch
+
+LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
+
+
+def sgd(groups: list[tuple[list[nn.Parameter], float]], *, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD over (params, lr) groups; each group remembers its base lr for the poly schedule."""
+    param_groups = [{"params": params, "lr": lr, "base_lr": lr} for params, lr in groups if params]
+    if not param_groups:
+        raise UserError("nothing to train: every parameter is frozen; check the train_stages / train_backbone keys")
+    return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int, power: float = 0.9) -> None:
+    factor = (1.0 - min(step, max_steps) / max_steps) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+class _SeededShuffle(Sampler):
+    """A permutation that depends only on (seed, epoch): resume and worker counts don't change it."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def make_loader(ctx: StageContext, dataset: Dataset, batch_size: int, *, seed: int) -> DataLoader:
+    """Batches of `batch_size` images over all ranks (each rank batch_size / world_size)."""
+    world = ctx.dist.world_size
+    if batch_size % world:
+        raise UserError(f"batch size {batch_size} is not divisible by the {world} processes; choose a multiple of {world}")
+    per_rank = batch_size // world
+    if len(dataset) < batch_size:
+        raise UserError(
+            f"{ctx.name}: the training list has {len(dataset)} images, fewer than one batch of {batch_size}; "
+            f"lower the batch size or use a longer list"
+        )
+    if ctx.dist.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=ctx.dist.rank, shuffle=True, seed=seed, drop_last=True)
+    else:
+        sampler = _SeededShuffle(len(dataset), seed)
+    workers = ctx.config.run.workers
+    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+
+
+@dataclass
+class TrainResult:
+    curves: dict[str, list[float]] = field(default_factory=dict)  # per-epoch mean of each loss term
+    steps: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def _move(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, batch_size: int,
+          epochs: int, loss_fn: LossFn, checkpoint: Path, seed: int, after_step: Callable[[nn.Module, dict, int, int], None] | None = None,
+          phase: str = "train") -> TrainResult:
+    """Train `model` for `epochs`, resuming from `checkpoint` if it exists.
+
+    `loss_fn(model, batch)` returns named loss terms including "total". The model may be
+    wrapped in DDP inside; `loss_fn` must only call it (and read `.module` for attributes).
+    `after_step(model, batch, step, max_steps)` runs after each optimiser step (e.g. a
+    memory update). Returns the loss curves; the model's weights are trained in place.
+    """
+    loader = make_loader(ctx, dataset, batch_size, seed=seed)
+    steps_per_epoch = len(loader)
+    max_steps = epochs * steps_per_epoch
+    result = TrainResult()
+    start_epoch = 0
+    if checkpoint.exists():
+        state = load_torch(checkpoint, "training checkpoint")
+        if state.get("phase") == phase:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"])
+            result.curves = {k: list(v) for k, v in state["curves"].items()}
+            ctx.log.info("%s: resuming %s from epoch %d/%d", ctx.name, phase, start_epoch, epochs)
+    model.to(ctx.device)
+    trained: nn.Module = model
+    if ctx.dist.enabled:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    amp_dtype = ctx.amp_dtype
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    began = time.monotonic()
+    images = 0
+    for epoch in range(start_epoch, epochs):
+        loader.sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        trained.train()
+        sums: dict[str, float] = {}
+        count = 0
+        bar = ctx.progress(total=steps_per_epoch, desc=f"{ctx.name} {phase} epoch {epoch + 1}/{epochs}")
+        for index, batch in enumerate(loader):
+            step = epoch * steps_per_epoch + index
+            set_poly_lr(optimizer, step, max_steps)
+            batch = _move(batch, ctx.device)
+            with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                terms = loss_fn(trained, batch)
+            total = terms["total"]
+            if not torch.isfinite(total.detach()):
+                bar.close()
+                raise RunFailure(
+                    f"{ctx.name}: the loss became {total.item()} at epoch {epoch + 1}, step {index + 1}; training stopped and "
+                    f"the last good checkpoint ({checkpoint.name}, epoch {start_epoch if epoch == start_epoch else epoch}) is kept; "
+                    f"lower the learning rate and rerun"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if after_step is not None:
+                after_step(trained, batch, step, max_steps)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            count += 1
+            images += batch_size
+            bar.update(1, postfix=f"loss {float(total.detach()):.4f}")
+        bar.close()
+        means = {name: _global_mean(ctx, value / max(count, 1)) for name, value in sums.items()}
+        for name, value in means.items():
+            result.curves.setdefault(name, []).append(round(value, 6))
+        ctx.log.info("%s: %s epoch %d/%d %s", ctx.name, phase, epoch + 1, epochs,
+                     " ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if ctx.dist.is_main:
+            save_torch(checkpoint, {"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "curves": result.curves})
+        ctx.dist.barrier()
+    result.steps = max_steps
+    result.seconds = time.monotonic() - began
+    result.images_per_second = images / result.seconds if result.seconds > 0 and images else 0.0
+    return result
+
+
+def _global_mean(ctx: StageContext, value: float) -> float:
+    if not ctx.dist.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item()) / ctx.dist.world_size
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
