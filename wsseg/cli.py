@@ -155,8 +155,22 @@ def run_all_command(config, start: str | None, stop: str | None, force: bool) ->
     """Run every stage in order: skip what is up to date, resume what was interrupted, redo what is stale."""
     from wsseg.pipeline import format_status, run_all
 
+    from wsseg.report import format_quality
+
     states = _with_lock(config, lambda dist: run_all(config, start=start, stop=stop, force=force, dist=dist))
     click.echo(format_status(states))
+    click.echo("")
+    click.echo(format_quality(config))
+    click.echo(f"\npictures: wsseg inspect --config {' '.join(config.sources)} (writes {Path(config.run.dir) / 'inspect'}/index.html)")
+
+
+@cli.command("report")
+@config_options
+def report_command(config) -> None:
+    """The quality table: each stage's headline numbers and time."""
+    from wsseg.report import format_quality
+
+    click.echo(format_quality(config))
 
 
 @cli.command("status")

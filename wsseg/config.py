@@ -135,7 +135,9 @@ class LabelsSection:
 @dataclass(frozen=True)
 class SegmenterSection:
     model: str = key("deeplab-v2", "segmenter architecture (see docs/models/)")
-    labels: str = key("pseudo", "pseudo: synthesized labels; gt: the dataset's masks (fully supervised reference)", choices=("pseudo", "gt"))
+    labels: str = key("pseudo", "pseudo: synthesized labels; gt: the dataset's masks (fully supervised reference); both: train each, same recipe", choices=("pseudo", "gt", "both"))
+    eval_mode: str = key("all", "evaluation: single (one scale), msflip (test_scales + flip), all (single, msflip and +CRF)", choices=("single", "msflip", "all"))
+    window: int = key(0, "sliding-window size for inference in pixels (0: whole image)", low=0)
     depth: int = key(50, "ResNet depth (IRN's reference: DeepLab-v2 R50)", choices=(18, 34, 50, 101))
     width: float = key(1.0, "channel width multiplier", positive=True)
     weights: typing.Optional[str] = key("imagenet", "null | imagenet | path to a torchvision ResNet state dict")
@@ -148,7 +150,9 @@ class SegmenterSection:
     weight_decay: float = key(5e-4, "SGD weight decay", low=0.0)
     scale_range: tuple[float, float] = key((0.5, 1.5), "random rescale range before cropping")
     test_scales: tuple[float, ...] = key((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), "multi-scale inference scales (with flip)")
-    crf: bool = key(True, "DenseCRF post-processing in evaluation")
+    crf: bool = key(True, "DenseCRF post-processing in evaluation (the model's own CRF parameters)")
+    aux: bool = key(True, "auxiliary FCN head on layer3 where the method has one")
+    sync_bn: bool = key(False, "SyncBatchNorm across processes under torchrun")
 
 
 SECTIONS: dict[str, type] = {

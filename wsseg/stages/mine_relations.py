@@ -1,0 +1,129 @@
+"""mine-relations: confident foreground / background / unsure maps (IRN's cam_to_ir_label, ALGORITHMS.md §1.3).
+
+Two DenseCRF-refined argmaxes of the CAMs with a constant background plane, one with a
+high score (conf_fg: only confident foreground survives) and one with a low score
+(conf_bg: only confident background survives), combined into relations/<id>.png:
+class where the fg map says class, 0 where both say background, 255 where they disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from wsseg.config import Config
+from wsseg.context import StageContext
+from wsseg.ops.crf import crf_from_labels
+from wsseg.stages import artifacts
+from wsseg.stages.per_image import for_each_image, skipped_ids
+from wsseg.store import RunStore
+
+NAME = "mine-relations"
+NEEDS = ("make-cam",)
+SECTIONS = ("data.root", "data.label_list", "data.eval_list", "relations")
+VERSION = 1
+OUTPUTS = ("relations",)
+HEADLINE = "precision"
+
+UNSURE = 255
+
+
+def relation_path(store: RunStore, image_id: str) -> Path:
+    return store.folder("relations") / f"{image_id}.png"
+
+
+def crf_labels(image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, background: float, config: Config) -> np.ndarray:
+    """Prepend a constant background plane, argmax, DenseCRF; returns class ids (H, W) uint8."""
+    relations = config.relations
+    scores = np.concatenate([np.full((1, *high_res.shape[1:]), background, np.float32), high_res])
+    indices = scores.argmax(axis=0)
+    refined = crf_from_labels(image, indices, len(keys) + 1, gt_prob=relations.crf_gt_prob,
+                              gaussian_sxy=relations.crf_gaussian_sxy, gaussian_compat=relations.crf_gaussian_compat,
+                              bilateral_sxy=relations.crf_bilateral_sxy, bilateral_srgb=relations.crf_bilateral_srgb,
+                              bilateral_compat=relations.crf_bilateral_compat, iterations=relations.crf_iterations)
+    class_ids = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    return class_ids[refined]
+
+
+def relation_labels(image: np.ndarray, cams: dict[str, np.ndarray], config: Config) -> np.ndarray:
+    """The relation map (H, W) uint8: 0 background, 1..C class, 255 unsure."""
+    fg = crf_labels(image, cams["high_res"], cams["keys"], config.relations.conf_fg, config)
+    bg = crf_labels(image, cams["high_res"], cams["keys"], config.relations.conf_bg, config)
+    relations = fg.copy()
+    relations[fg == 0] = UNSURE
+    relations[(fg == 0) & (bg == 0)] = 0
+    return relations
+
+
+def _mine_one(config: Config, run_dir: str, image_id: str) -> None:
+    store = RunStore(run_dir)
+    cams = artifacts.read_cams(artifacts.cam_path(store, image_id))
+    if cams is None:
+        raise RuntimeError(f"cams/{image_id}.npz is missing or damaged; rerun make-cam")
+    image = artifacts.open_dataset(config).read_image(image_id)
+    artifacts.write_labels(relation_path(store, image_id), relation_labels(image, cams, config))
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
+    ids = [i for i in ids if i not in skipped_ids(ctx.store.folder("cams"))]
+    folder = ctx.folder("relations")
+    work = functools.partial(_mine_one, config, str(ctx.store.root))
+    counts = for_each_image(ctx, ids, lambda i: relation_path(ctx.store, i), artifacts.png_is_whole, work,
+                            report_folder=folder, processes=config.run.workers)
+    ctx.dist.barrier()
+    metrics = evaluate(config, ctx.store, ctx.progress) if ctx.dist.is_main else {}
+    return {"metrics": metrics, "items": {"done": counts["done"], "total": len(ids)}, "counters": counts}
+
+
+def count_done(config: Config, store: RunStore) -> tuple[int, int]:
+    ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
+    return sum(relation_path(store, i).exists() for i in ids), len(ids)
+
+
+def evaluate(config: Config, store: RunStore, progress=None) -> dict:
+    """Precision (share of confident pixels that are right) and coverage (share of labelled
+    pixels that are confident) against the ground truth, overall and for fg / bg."""
+    dataset = artifacts.open_dataset(config)
+    ids = [i for i in artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.eval_list"))
+           if relation_path(store, i).exists()]
+    if not ids:
+        return {"evaluated_images": 0}
+    correct = confident = labelled = 0
+    fg = {"correct": 0, "confident": 0}
+    bg = {"correct": 0, "confident": 0}
+    for image_id in (progress(ids, desc="mine-relations: evaluating") if progress else ids):
+        relations = artifacts.read_labels(relation_path(store, image_id))
+        truth = dataset.read_semantic(image_id)
+        if relations is None:
+            continue
+        valid = truth != 255
+        sure = valid & (relations != UNSURE)
+        right = sure & (relations == truth)
+        labelled += int(valid.sum())
+        confident += int(sure.sum())
+        correct += int(right.sum())
+        for part, mask in ((fg, relations > 0), (bg, relations == 0)):
+            part["confident"] += int((sure & mask).sum())
+            part["correct"] += int((right & mask).sum())
+
+    def ratio(a: int, b: int) -> float | None:
+        return round(a / b, 4) if b else None
+
+    return {
+        "evaluated_images": len(ids),
+        "precision": ratio(correct, confident),
+        "coverage": ratio(confident, labelled),
+        "fg_precision": ratio(fg["correct"], fg["confident"]),
+        "bg_precision": ratio(bg["correct"], bg["confident"]),
+    }
+
+
+def inspect_tiles(view) -> list[np.ndarray]:
+    relations = artifacts.read_labels(relation_path(view.store, view.id))
+    if relations is None:
+        return []
+    return [view.labels_tile("relations (255 = unsure)", relations)]

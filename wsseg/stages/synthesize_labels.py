@@ -1,0 +1,271 @@
+"""synthesize-labels: random walk + displacement field -> semantic, instance and panoptic labels (ALGORITHMS.md §1.6).
+
+Per image: IRN's boundary (image + flip) and displacement; the CAMs (raised to
+`labels.cam_power`) walked along the boundary-aware affinities; semantic labels from the
+walked CAMs; instance labels from centroid groups of the displacement field walked per
+(class, group); panoptic labels from the instances. The boundary and displacement maps
+are cached for `inspect`. Resumes per image; under torchrun each rank takes its share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsseg import viz
+from wsseg.config import Config
+from wsseg.context import StageContext
+from wsseg.data.images import write_rgb_png
+from wsseg.data.transforms import normalize
+from wsseg.metrics import ConfusionMatrix, instance_average_precision, panoptic_quality
+from wsseg.models.irn import boundary_inference
+from wsseg.ops.instances import centroid_groups, instance_seeds, instances_from_walk
+from wsseg.ops.panoptic import decode_ids, encode_ids, panoptic_from_instances
+from wsseg.ops.random_walk import random_walk
+from wsseg.stages import artifacts
+from wsseg.stages.per_image import for_each_image, skipped_ids
+from wsseg.stages.train_irn import load_network
+from wsseg.store import RunStore, atomic_path, read_json, write_json
+
+NAME = "synthesize-labels"
+NEEDS = ("make-cam", "train-irn")
+SECTIONS = ("data.root", "data.label_list", "data.eval_list", "data.classes", "labels")
+VERSION = 1
+OUTPUTS = ("labels", "irn/boundary", "irn/displacement")
+HEADLINE = "semantic_miou"
+
+
+class Paths:
+    """Where this stage's files for one image live."""
+
+    def __init__(self, store: RunStore, image_id: str):
+        labels = store.folder("labels")
+        self.semantic = labels / "semantic" / f"{image_id}.png"
+        self.instance = labels / "instance" / f"{image_id}.npz"
+        self.panoptic = labels / "panoptic" / f"{image_id}.png"
+        self.segments = labels / "panoptic" / f"{image_id}.json"  # written last: its presence means the image is done
+        self.boundary = store.folder("irn/boundary") / f"{image_id}.png"
+        self.displacement = store.folder("irn/displacement") / f"{image_id}.npz"
+
+
+def walk_to_full_size(seeds: torch.Tensor, boundary: torch.Tensor, size: tuple[int, int], config: Config) -> torch.Tensor:
+    """Walk stride-4 seeds (S, h, w) along the boundary, upsample x4 (bilinear) and crop to `size`."""
+    labels = config.labels
+    walked = random_walk(seeds, boundary, radius=labels.radius, beta=labels.beta, num_steps=labels.walk_steps)
+    upsampled = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+    return upsampled[:, : size[0], : size[1]]
+
+
+def semantic_labels(walked: torch.Tensor, keys: np.ndarray, background: float) -> np.ndarray:
+    """Walked CAMs (K, H, W) -> class ids (H, W) uint8: divide by the global max, background plane, argmax."""
+    if walked.shape[0] == 0:
+        return np.zeros(walked.shape[1:], np.uint8)
+    scores = walked / walked.max().clamp_min(1e-5)
+    scores = torch.cat([torch.full_like(scores[:1], background), scores])
+    class_ids = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    return class_ids[scores.argmax(dim=0).cpu().numpy()]
+
+
+def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Config, device: torch.device) -> dict:
+    """All labels of one image; returns arrays ready to write."""
+    height, width = image.shape[:2]
+    tensor = torch.from_numpy(normalize(image)).permute(2, 0, 1).to(device)
+    boundary, displacement = boundary_inference(model, tensor, pad_to=config.labels.pad_to or None)
+    cam = torch.from_numpy(cams["cam"]).to(device) ** config.labels.cam_power
+    if cam.shape[1:] != boundary.shape:
+        raise RuntimeError(f"CAM map {tuple(cam.shape[1:])} and boundary map {tuple(boundary.shape)} differ; rerun make-cam")
+    keys = cams["keys"]
+    semantic = semantic_labels(walk_to_full_size(cam, boundary, (height, width), config), keys, config.labels.sem_background)
+
+    displacement_np = displacement.float().cpu().numpy()
+    groups = centroid_groups(displacement_np, num_steps=config.labels.displacement_steps,
+                             centroid_threshold=config.labels.centroid_threshold)
+    seeds, seed_classes, _ = instance_seeds(cam.cpu().numpy(), keys, groups)
+    if seeds.shape[0]:
+        walked = walk_to_full_size(torch.from_numpy(seeds).to(device), boundary, (height, width), config).cpu().numpy()
+    else:
+        walked = np.zeros((0, height, width), np.float32)
+    ids, classes, scores = instances_from_walk(walked, seed_classes, background=config.labels.ins_background,
+                                               min_area_fraction=config.labels.min_instance_area)
+    segments, segments_info = panoptic_from_instances(ids, classes)
+    return {"semantic": semantic, "ids": ids, "classes": classes, "scores": scores, "segments": segments,
+            "segments_info": segments_info, "boundary": boundary.cpu().numpy(), "displacement": displacement_np,
+            "groups": groups}
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    dataset = artifacts.open_dataset(config)
+    ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
+    ids = [i for i in ids if i not in skipped_ids(ctx.store.folder("cams"))]
+    model = load_network(config, ctx.store).to(ctx.device)
+    for sub in ("semantic", "instance", "panoptic"):
+        ctx.folder(f"labels/{sub}")
+    ctx.folder("irn/boundary")
+    ctx.folder("irn/displacement")
+
+    def work(image_id: str) -> None:
+        cams = artifacts.read_cams(artifacts.cam_path(ctx.store, image_id))
+        if cams is None:
+            raise RuntimeError(f"cams/{image_id}.npz is missing or damaged; rerun make-cam")
+        out = synthesize(model, dataset.read_image(image_id), cams, config, ctx.device)
+        paths = Paths(ctx.store, image_id)
+        artifacts.write_labels(paths.boundary, np.round(out["boundary"] * 255).astype(np.uint8))
+        with atomic_path(paths.displacement) as tmp:
+            tmp.write_bytes(artifacts.encode_npz(displacement=out["displacement"].astype(np.float16),
+                                                 groups=out["groups"].astype(np.int32)))
+        artifacts.write_labels(paths.semantic, out["semantic"])
+        with atomic_path(paths.instance) as tmp:
+            tmp.write_bytes(artifacts.encode_npz(ids=out["ids"].astype(np.uint16), classes=out["classes"].astype(np.int64),
+                                                 scores=out["scores"].astype(np.float32)))
+        with atomic_path(paths.panoptic) as tmp:
+            write_rgb_png(tmp, encode_ids(out["segments"]))
+        write_json(paths.segments, {"image_id": image_id, "file_name": paths.panoptic.name,
+                                    "segments_info": out["segments_info"]})
+
+    counts = for_each_image(ctx, ids, lambda i: Paths(ctx.store, i).segments, lambda p: read_json(p) is not None, work,
+                            report_folder=ctx.folder("labels"))
+    ctx.dist.barrier()
+    metrics = {}
+    if ctx.dist.is_main:
+        write_panoptic_json(config, ctx.store, ids)
+        metrics = evaluate(config, ctx.store, ctx.progress)
+    return {"metrics": metrics, "items": {"done": counts["done"], "total": len(ids)}, "counters": counts}
+
+
+def write_panoptic_json(config: Config, store: RunStore, ids: list[str]) -> None:
+    """labels/panoptic.json in COCO panoptic format (category 0 = background stuff)."""
+    annotations = []
+    for image_id in ids:
+        entry = read_json(Paths(store, image_id).segments)
+        if entry is not None:
+            annotations.append(entry)
+    categories = [{"id": 0, "name": "background", "isthing": 0}]
+    categories += [{"id": k + 1, "name": name, "isthing": 1} for k, name in enumerate(config.data.classes)]
+    write_json(store.folder("labels") / "panoptic.json", {"annotations": annotations, "categories": categories})
+
+
+def count_done(config: Config, store: RunStore) -> tuple[int, int]:
+    ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
+    return sum(Paths(store, i).segments.exists() for i in ids), len(ids)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def _eval_ids(config: Config, store: RunStore, dataset) -> list[str]:
+    ids = artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.eval_list"))
+    return [i for i in ids if Paths(store, i).segments.exists()]
+
+
+def read_instances(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["ids"].astype(np.int64), data["classes"].astype(np.int64), data["scores"].astype(np.float32)
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def evaluate_semantic(config: Config, store: RunStore, progress=None) -> dict:
+    dataset = artifacts.open_dataset(config)
+    ids = _eval_ids(config, store, dataset)
+    matrix = ConfusionMatrix(len(config.data.classes) + 1)
+    for image_id in (progress(ids, desc="evaluating semantic labels") if progress else ids):
+        labels = artifacts.read_labels(Paths(store, image_id).semantic)
+        if labels is not None:
+            matrix.update(labels, dataset.read_semantic(image_id))
+    summary = matrix.summary(["background", *config.data.classes])
+    return {"semantic_miou": summary["miou"], "semantic_per_class_iou": summary["per_class_iou"],
+            "semantic_pixel_accuracy": summary["pixel_accuracy"], "evaluated_images": len(ids)}
+
+
+def _ground_truth_instances(dataset, image_id: str):
+    gt_ids, gt_classes = dataset.read_instances(image_id)
+    gt_ids = gt_ids.astype(np.int64)
+    void = gt_ids == 65535
+    semantic_void = dataset.read_semantic(image_id) == 255
+    return np.where(void, 0, gt_ids), gt_classes, void | semantic_void
+
+
+def evaluate_instance(config: Config, store: RunStore, progress=None) -> dict:
+    dataset = artifacts.open_dataset(config)
+    ids = [i for i in _eval_ids(config, store, dataset) if dataset.has_instances(i)]
+    predictions, truths = [], []
+    for image_id in (progress(ids, desc="evaluating instance labels") if progress else ids):
+        predicted = read_instances(Paths(store, image_id).instance)
+        if predicted is None:
+            continue
+        predictions.append(predicted)
+        truths.append(_ground_truth_instances(dataset, image_id))
+    if not predictions:
+        return {"instance_evaluated_images": 0}
+    result = instance_average_precision(predictions, truths, len(config.data.classes) + 1,
+                                        class_names=["background", *config.data.classes])
+    return {"instance_ap50": result["ap50"], "instance_ap": result["ap"], "instance_per_class_ap50": result["per_class_ap50"],
+            "instance_evaluated_images": len(predictions)}
+
+
+def evaluate_panoptic(config: Config, store: RunStore, progress=None) -> dict:
+    dataset = artifacts.open_dataset(config)
+    ids = [i for i in _eval_ids(config, store, dataset) if dataset.has_instances(i)]
+    pairs = []
+    for image_id in (progress(ids, desc="evaluating panoptic labels") if progress else ids):
+        paths = Paths(store, image_id)
+        entry = read_json(paths.segments)
+        try:
+            predicted = decode_ids(np.asarray(_read_rgb(paths.panoptic)))
+        except (OSError, ValueError):
+            continue
+        gt_ids, gt_classes, void = _ground_truth_instances(dataset, image_id)
+        gt_segments, gt_info = panoptic_from_instances(gt_ids, gt_classes, void)
+        pairs.append((predicted, {s["id"]: s["category_id"] for s in entry["segments_info"]},
+                      gt_segments, {s["id"]: s["category_id"] for s in gt_info}, void))
+    if not pairs:
+        return {"panoptic_evaluated_images": 0}
+    num_classes = len(config.data.classes) + 1
+    result = panoptic_quality(pairs, num_classes, thing_classes=list(range(1, num_classes)), stuff_classes=[0],
+                              class_names=["background", *config.data.classes])
+    return {"pq": result["pq"], "sq": result["sq"], "rq": result["rq"], "pq_things": result["things"]["pq"],
+            "pq_stuff": result["stuff"]["pq"], "panoptic_evaluated_images": len(pairs)}
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def evaluate(config: Config, store: RunStore, progress=None) -> dict:
+    return {**evaluate_semantic(config, store, progress), **evaluate_instance(config, store, progress),
+            **evaluate_panoptic(config, store, progress)}
+
+
+# ---------------------------------------------------------------------------- pictures
+
+def inspect_tiles(view) -> list[np.ndarray]:
+    paths = Paths(view.store, view.id)
+    tiles = []
+    boundary = artifacts.read_labels(paths.boundary)
+    if boundary is not None:
+        tiles.append(viz.tile("IRN boundary", viz.boundary_image(boundary / 255.0, shape=view.image.shape[:2])))
+    try:
+        with np.load(paths.displacement, allow_pickle=False) as data:
+            displacement = data["displacement"].astype(np.float32)
+            groups = data["groups"]
+        tiles.append(viz.tile("displacement (colour = direction)", viz.displacement_colors(displacement, shape=view.image.shape[:2])))
+        tiles.append(viz.tile("displacement arrows", viz.displacement_arrows(view.image, displacement)))
+        tiles.append(viz.tile("centroid groups", viz.instance_colors(np.kron(groups + 1, np.ones((4, 4), np.int64))[: view.image.shape[0], : view.image.shape[1]])))
+    except (OSError, ValueError, KeyError):
+        pass
+    semantic = artifacts.read_labels(paths.semantic)
+    if semantic is not None:
+        tiles.append(view.labels_tile("semantic label", semantic))
+    instances = read_instances(paths.instance)
+    if instances is not None:
+        ids, classes, scores = instances
+        tiles.append(viz.tile(f"instance labels ({len(classes)})", viz.overlay(view.image, viz.instance_colors(ids), 0.6, mask=ids > 0)))
+    return tiles
+

@@ -1,0 +1,118 @@
+"""train-irn: IRN's boundary and displacement heads, learned from the relation maps (ALGORITHMS.md §1.5).
+
+The backbone is initialised from `irn.backbone_init` (the trained CAM network, ImageNet,
+or a file) and frozen unless `irn.train_backbone`. Pair labels are built on the fly from
+each batch's relation map (never materialised per sample). After training, the mean
+predicted displacement over the training images is stored and subtracted at inference.
+irn/model.pt holds the whole network (backbone included) so that later stages never
+depend on the file it was initialised from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from wsseg.config import Config
+from wsseg.context import StageContext
+from wsseg.data.datasets import LabelledImages
+from wsseg.data.transforms import SegmentationAugment, normalize
+from wsseg.errors import UserError
+from wsseg.models.backbones import ResNet, load_weights
+from wsseg.models.irn import IRNet, irn_losses
+from wsseg.stages import artifacts
+from wsseg.stages.mine_relations import relation_path
+from wsseg.store import RunStore
+from wsseg.training import seed_everything, sgd, train
+
+NAME = "train-irn"
+NEEDS = ("train-cam", "mine-relations")
+SECTIONS = ("run.seed", "data.root", "data.train_list", "backbone", "irn")
+VERSION = 1
+OUTPUTS = ("irn",)
+HEADLINE = "final_loss"
+
+IRN_STRIDES = (1, 2, 2, 1)  # IRN's backbone: output stride 16, like the CAM network
+MAX_MEAN_IMAGES = 1000  # images used to estimate the mean displacement
+
+
+class RelationReader:
+    """label_reader for LabelledImages: the relation map of an image (picklable for workers)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def __call__(self, image_id: str):
+        labels = artifacts.read_labels(relation_path(RunStore(self.run_dir), image_id))
+        if labels is None:
+            raise UserError(f"relations/{image_id}.png is missing or damaged; rerun mine-relations")
+        return labels
+
+
+def build_network(config: Config, store: RunStore | None, *, initialise: bool = True) -> IRNet:
+    backbone = ResNet(config.backbone.depth, width=config.backbone.width, strides=IRN_STRIDES, frozen_bn=True,
+                      trainable=("stem", "layer1", "layer2", "layer3", "layer4") if config.irn.train_backbone else ())
+    if initialise:
+        source = config.irn.backbone_init
+        if source == "cam":
+            load_weights(backbone, store.folder("cam") / "model.pt")
+        else:
+            load_weights(backbone, source)
+    return IRNet(backbone, train_backbone=config.irn.train_backbone)
+
+
+def load_network(config: Config, store: RunStore) -> IRNet:
+    payload = artifacts.load_torch(store.folder("irn") / "model.pt", "the trained IRN network")
+    model = build_network(config, None, initialise=False)
+    model.load_state_dict(payload["model"])
+    return model.eval()
+
+
+def run(ctx: StageContext) -> dict:
+    config, irn = ctx.config, ctx.config.irn
+    seed_everything(config.run.seed)
+    dataset = artifacts.open_dataset(config)
+    ids = artifacts.image_ids(config, "data.train_list")
+    missing = [i for i in ids if not relation_path(ctx.store, i).exists()]
+    if missing:
+        raise UserError(
+            f"train-irn: {len(missing)} images of data.train_list have no relation map (e.g. {missing[0]}); "
+            f"data.label_list must include the training images"
+        )
+    images = LabelledImages(dataset, ids, RelationReader(str(ctx.store.root)),
+                            SegmentationAugment(scale_range=irn.scale_range, crop_size=irn.crop), seed=config.run.seed)
+    model = build_network(config, ctx.store)
+    boundary_params, displacement_params = model.param_groups()
+    optimizer = sgd([(boundary_params, irn.lr), (displacement_params, irn.lr * irn.displacement_lr_mult)],
+                    momentum=irn.momentum, weight_decay=irn.weight_decay)
+
+    def loss_fn(net, batch):
+        boundary_logits, displacement = net(batch["image"])
+        labels = batch["label"][:, ::4, ::4]  # x1/4 nearest: the stride-4 grid of the outputs
+        labels = labels[:, : boundary_logits.shape[2], : boundary_logits.shape[3]]
+        return irn_losses(boundary_logits.float(), displacement.float(), labels, radius=irn.radius)
+
+    folder = ctx.folder("irn")
+    result = train(ctx, model=model, optimizer=optimizer, dataset=images, batch_size=irn.batch_size, epochs=irn.epochs,
+                   loss_fn=loss_fn, checkpoint=folder / "checkpoint.pt", seed=config.run.seed)
+    model = model.to(ctx.device).eval()
+    if ctx.dist.is_main:
+        model.mean_displacement.copy_(mean_displacement(model, dataset, ids[:MAX_MEAN_IMAGES], irn.crop, ctx))
+        artifacts.save_torch(folder / "model.pt", {"model": model.cpu().state_dict()})
+    final = {k: v[-1] for k, v in result.curves.items() if v}
+    return {"metrics": {"final_loss": final.get("total"), **{f"final_{k}": v for k, v in final.items() if k != "total"},
+                        "images_per_second": round(result.images_per_second, 2)},
+            "curves": result.curves}
+
+
+@torch.inference_mode()
+def mean_displacement(model: IRNet, dataset, ids: list[str], crop: int, ctx: StageContext) -> torch.Tensor:
+    """Mean predicted displacement (2,) over images on IRN's top-left crop canvas (IRN's mean shift)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for image_id in ctx.progress(ids, desc="train-irn: mean displacement"):
+        image = torch.from_numpy(normalize(dataset.read_image(image_id))).permute(2, 0, 1)
+        image = image[:, :crop, :crop]
+        image = F.pad(image, (0, crop - image.shape[2], 0, crop - image.shape[1]))
+        _, displacement = model(image[None].to(ctx.device))
+        total += displacement[0].float().mean(dim=(1, 2)).double().cpu()
+    return (total / max(len(ids), 1)).float()
