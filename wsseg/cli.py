@@ -233,6 +233,34 @@ def inspect_command(config, image_ids: tuple[str, ...], out: Path | None, worst:
     click.echo(f"wrote {index}")
 
 
+@cli.command("predict")
+@config_options
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of images.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the label PNGs.")
+@click.option("--model", "model_name", default=None, help="Segmenter (default: segmenter.model).")
+@click.option("--labels", "source", type=click.Choice(["pseudo", "gt"]), default="pseudo", show_default=True,
+              help="Which trained copy: on pseudo labels or on ground truth.")
+@click.option("--mode", type=click.Choice(["single", "msflip"]), default="single", show_default=True)
+@click.option("--overlay", is_flag=True, help="Also write <name>_overlay.png (labels over the image).")
+def predict_command(config, images_dir: Path, out: Path, model_name: str | None, source: str, mode: str, overlay: bool) -> None:
+    """Label a folder of new images with a trained segmenter (palette PNGs, VOC colours)."""
+    import dataclasses
+
+    from wsseg.context import Progress, resolve_device
+    from wsseg.predict import predict_folder
+
+    if model_name:
+        config = dataclasses.replace(config, segmenter=dataclasses.replace(config.segmenter, model=model_name))
+    device = resolve_device(config.run.device)
+    failed = predict_folder(config, images_dir, out, source=source, mode=mode, overlay=overlay, device=device,
+                            progress=lambda items, desc: Progress(items, None, desc))
+    if failed:
+        for name, reason in failed.items():
+            click.echo(f"wsseg: skipped {name}: {reason}", err=True)
+        raise RunFailure(f"{len(failed)} of the images in {images_dir} could not be labelled (listed above); the others are in {out}")
+    click.echo(f"labels written to {out}")
+
+
 @cli.command("demo-data")
 @click.option("--out", default="data/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--images", "num_images", default=None, type=click.IntRange(min=4), help="Number of images (train + val).")

@@ -151,7 +151,7 @@ class SegmenterSection:
     scale_range: tuple[float, float] = key((0.5, 1.5), "random rescale range before cropping")
     test_scales: tuple[float, ...] = key((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), "multi-scale inference scales (with flip)")
     crf: bool = key(True, "DenseCRF post-processing in evaluation (the model's own CRF parameters)")
-    aux: bool = key(True, "auxiliary FCN head on layer3 where the method has one")
+    aux: typing.Optional[bool] = key(None, "auxiliary FCN head on layer3: null = the method's own choice (v3, v3+, PSPNet, EncNet, MCIBI: yes)")
     sync_bn: bool = key(False, "SyncBatchNorm across processes under torchrun")
 
 

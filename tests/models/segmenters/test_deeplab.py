@@ -1,0 +1,246 @@
+"""DeepLab v1/v2/v3/v3+ and the shared parts they use (common.py: ASPP, ASPP-L, label
+downsampling, cross-entropy, aux head)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsseg.models.segmenters.common import (
+    ASPP,
+    AuxHead,
+    cross_entropy,
+    downsample_labels,
+    head_channels,
+)
+from wsseg.models.segmenters.deeplab import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus
+from wsseg.ops.crf import DEEPLAB_V2_RESNET101_CRF, crf_from_probs
+
+NUM_CLASSES = 5
+
+
+def tiny(cls, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    return cls(NUM_CLASSES, depth=18, width=0.25, **kwargs)
+
+
+def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two noise images with blocky labels (and an ignored band) a net can memorise."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[0, :32, :32] = 1
+    labels[0, 32:, :] = 2
+    labels[1, :, 32:] = 3
+    labels[1, 40:, :20] = 4
+    labels[1, :8, :] = 255
+    return images, labels
+
+
+def train_losses(model, lr: float, steps: int = 10) -> list[float]:
+    images, labels = fixed_batch()
+    backbone, heads = model.param_groups()
+    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 10 * lr}], lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        terms = model.loss(model(images), labels)
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+        losses.append(terms["total"].item())
+    return losses
+
+
+# lr per model, measured: v1's BN-free head needs a larger one, v2's summed ASPP-L
+# (and MSC's four terms) a smaller one. 10 steps end at 0.04-0.5 of the first loss.
+@pytest.mark.parametrize("cls, kwargs, lr", [
+    (DeepLabV1, {}, 0.05),
+    (DeepLabV2, {}, 0.001),
+    (DeepLabV2, {"msc": True}, 0.001),
+    (DeepLabV3, {}, 0.01),
+    (DeepLabV3Plus, {}, 0.01),
+], ids=["v1", "v2", "v2-msc", "v3", "v3plus"])
+def test_contract(cls, kwargs, lr):
+    model = tiny(cls, **kwargs)
+    losses = train_losses(model, lr=lr)
+    assert losses[-1] < 0.7 * losses[0], losses
+    model.eval()
+    x = torch.randn(1, 3, 65, 49)
+    with torch.no_grad():
+        first, second = model.predict(x), model.predict(x)
+    assert first.shape == (1, NUM_CLASSES, 65, 49)
+    assert torch.equal(first, second)
+    backbone, heads = model.param_groups()
+    ids = [id(p) for p in backbone + heads]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+
+
+def dilations(module) -> list[int]:
+    return [m.dilation[0] for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+
+
+def test_aspp_rates_branches_and_output_stride():
+    v3 = tiny(DeepLabV3)
+    assert v3.aspp.rates == (6, 12, 18)
+    assert len(v3.aspp.branches) == 5  # 1x1, three rates, image pooling
+    assert dilations(v3.aspp) == [6, 12, 18]
+    # OS16 with multi-grid (1, 2, 4): layer4 dilation 2 x (1, 2) on ResNet-18's two units.
+    assert dilations(v3.backbone.layer4) == [2, 2, 4, 4]
+    v3_os8 = tiny(DeepLabV3, output_stride=8)
+    assert v3_os8.aspp.rates == (12, 24, 36)  # doubled at OS8
+    assert dilations(v3_os8.aspp) == [12, 24, 36]
+    assert dilations(v3_os8.backbone.layer4) == [4, 4, 8, 8]
+    assert tiny(DeepLabV3Plus, output_stride=8).aspp.rates == (12, 24, 36)
+
+    v2 = tiny(DeepLabV2)
+    assert v2.aspp.rates == (6, 12, 18, 24) and len(v2.aspp.branches) == 4
+    assert [b.dilation[0] for b in v2.aspp.branches] == [6, 12, 18, 24]
+    assert all(b.out_channels == NUM_CLASSES for b in v2.aspp.branches)  # straight to classes
+    features = torch.randn(1, v2.backbone.channels["layer4"], 9, 7)
+    with torch.no_grad():
+        summed = sum(branch(features) for branch in v2.aspp.branches)
+        torch.testing.assert_close(v2.aspp(features), summed)
+
+    v1 = tiny(DeepLabV1)
+    assert v1.fc6.dilation == (12, 12) and v1.fc6.kernel_size == (3, 3)
+    assert v1.fc6.out_channels == head_channels(v1.backbone, 1024) == 64  # 1024 x 128/2048
+
+
+def test_aspp_image_pooling_is_global():
+    torch.manual_seed(0)
+    aspp = ASPP(16, 8, rates=(2,), image_pooling=True).eval()
+    x = torch.randn(2, 16, 7, 5)
+    pooled = aspp.branches[-1](x)
+    assert pooled.shape == (2, 8, 7, 5)
+    assert torch.equal(pooled, pooled[..., :1, :1].expand_as(pooled))  # one vector per image
+    assert len(ASPP(16, 8, rates=(2, 3), image_pooling=False).branches) == 3
+    assert aspp(x).shape == (2, 8, 7, 5)
+
+
+def test_v3plus_decodes_at_stride_4():
+    model = tiny(DeepLabV3Plus).eval()
+    x = torch.randn(1, 3, 65, 49)
+    with torch.no_grad():
+        features = model.backbone(x)
+        outputs = model(x)
+    assert outputs["out"].shape[-2:] == features["layer1"].shape[-2:] == (17, 13)
+    assert outputs["aux"].shape[-2:] == features["layer3"].shape[-2:]
+    assert model.reduce[0].out_channels == 8  # 48 x 128/2048 = 3, at least 8
+    assert "aux" not in tiny(DeepLabV3Plus, aux=False)(torch.randn(2, 3, 32, 32))
+
+
+def reference_downsample(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest with aligned corners, written as a loop: round half up of i·(H−1)/(h−1)."""
+    height, width = labels.shape[-2:]
+    out = np.zeros(labels.shape[:-2] + size, dtype=labels.dtype)
+    for i in range(size[0]):
+        row = 0 if size[0] == 1 else int(np.floor(i * (height - 1) / (size[0] - 1) + 0.5))
+        for j in range(size[1]):
+            col = 0 if size[1] == 1 else int(np.floor(j * (width - 1) / (size[1] - 1) + 0.5))
+            out[..., i, j] = labels[..., row, col]
+    return out
+
+
+@pytest.mark.parametrize("source, target", [((321, 321), (41, 41)), ((65, 49), (9, 7)),
+                                            ((30, 17), (7, 6)), ((5, 4), (1, 1))])
+def test_downsample_labels_matches_reference(source, target):
+    labels = torch.randint(0, 256, (2, *source))
+    result = downsample_labels(labels, target)
+    assert result.dtype == torch.int64
+    np.testing.assert_array_equal(result.numpy(), reference_downsample(labels.numpy(), target))
+    if source == (321, 321):  # DeepLab's crop at OS8 reads rows and columns 0, 8, ..., 320
+        assert torch.equal(result, labels[:, ::8, ::8])
+
+
+@pytest.mark.parametrize("cls", [DeepLabV1, DeepLabV2])
+def test_v1_v2_loss_uses_labels_downsampled_to_the_logits(cls):
+    model = tiny(cls, aux=True)
+    x = torch.randn(2, 3, 65, 49)
+    labels = torch.randint(0, NUM_CLASSES, (2, 65, 49))
+    labels[:, :20] = 255
+    outputs = model(x)
+    logits = outputs["out"]
+    assert logits.shape[-2:] == (9, 7)
+    terms = model.loss(outputs, labels)
+    # 65x49 -> 9x7 with aligned corners reads every 8th pixel exactly.
+    small = labels[:, ::8, ::8]
+    expected = F.cross_entropy(logits, small, ignore_index=255)
+    torch.testing.assert_close(terms["main"], expected)
+    torch.testing.assert_close(terms["aux"], F.cross_entropy(outputs["aux"], small, ignore_index=255))
+    torch.testing.assert_close(terms["total"], terms["main"] + 0.4 * terms["aux"])
+    upsampled = F.cross_entropy(F.interpolate(logits, size=(65, 49), mode="bilinear"), labels, ignore_index=255)
+    assert abs(terms["main"].item() - upsampled.item()) > 1e-4  # the toolboxes' loss differs
+
+
+def test_v3_loss_upsamples_the_logits():
+    model = tiny(DeepLabV3, aux=False)
+    x = torch.randn(2, 3, 65, 49)
+    labels = torch.randint(0, NUM_CLASSES, (2, 65, 49))
+    outputs = model(x)
+    expected = F.cross_entropy(F.interpolate(outputs["out"], size=(65, 49), mode="bilinear", align_corners=False),
+                               labels, ignore_index=255)
+    terms = model.loss(outputs, labels)
+    assert set(terms) == {"main", "total"}
+    torch.testing.assert_close(terms["total"], expected)
+
+
+def test_cross_entropy_all_ignored_is_zero_not_nan():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    labels = torch.full((1, 8, 8), 255)
+    for size_from in ("label", "logits"):
+        loss = cross_entropy(logits, labels, size_from)
+        assert loss.item() == 0.0
+        loss.backward()
+    with pytest.raises(ValueError, match="size_from"):
+        cross_entropy(logits, labels, "image")
+
+
+def test_msc_returns_each_scale_and_the_fused_max():
+    model = tiny(DeepLabV2, msc=True)
+    x = torch.randn(2, 3, 65, 49)
+    labels = torch.randint(0, NUM_CLASSES, (2, 65, 49))
+    outputs = model(x)
+    assert set(outputs) == {"out", "scale1.0", "scale0.75", "scale0.5"}
+    assert outputs["scale1.0"].shape[-2:] == (9, 7)
+    assert outputs["scale0.75"].shape[-2:] == (6, 5)  # 48x36 input
+    assert outputs["scale0.5"].shape[-2:] == (4, 3)  # 32x24 input
+    size = (9, 7)
+    fused = torch.stack([outputs["scale1.0"]] + [
+        F.interpolate(outputs[k], size=size, mode="bilinear", align_corners=False) for k in ("scale0.75", "scale0.5")
+    ]).amax(dim=0)
+    torch.testing.assert_close(outputs["out"], fused)
+    terms = model.loss(outputs, labels)
+    assert set(terms) == {"main", "scale1.0", "scale0.75", "scale0.5", "total"}
+    for key in ("scale1.0", "scale0.75", "scale0.5"):
+        small = downsample_labels(labels, outputs[key].shape[-2:])
+        torch.testing.assert_close(terms[key], F.cross_entropy(outputs[key], small))
+    torch.testing.assert_close(terms["main"], F.cross_entropy(outputs["out"], labels[:, ::8, ::8]))
+    torch.testing.assert_close(terms["total"], terms["main"] + terms["scale1.0"] + terms["scale0.75"]
+                               + terms["scale0.5"])
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(x)["out"]
+        torch.testing.assert_close(model.predict(x), F.interpolate(eval_out, size=(65, 49), mode="bilinear"))
+
+
+def test_aux_head_layout():
+    head = AuxHead(32, NUM_CLASSES, channels=16)
+    layers = [type(m).__name__ for m in head.modules() if not list(m.children())]
+    assert layers == ["Conv2d", "BatchNorm2d", "ReLU", "Dropout2d", "Conv2d"]
+    assert head.conv[0].kernel_size == (3, 3) and head.dropout.p == 0.1
+    assert head(torch.randn(2, 32, 5, 3)).shape == (2, NUM_CLASSES, 5, 3)
+
+
+def test_crf_defaults_are_the_papers_and_fit_crf_from_probs():
+    assert DeepLabV1.crf_defaults == dict(bilateral_weight=4, bilateral_sxy=121, bilateral_srgb=5,
+                                          gaussian_weight=3, gaussian_sxy=3)
+    assert DeepLabV2.crf_defaults == DEEPLAB_V2_RESNET101_CRF
+    assert not hasattr(DeepLabV3, "crf_defaults")
+    image = np.zeros((6, 5, 3), np.uint8)
+    probs = np.full((2, 6, 5), 0.5, np.float32)
+    for cls in (DeepLabV1, DeepLabV2):
+        assert crf_from_probs(image, probs, **cls.crf_defaults).shape == (2, 6, 5)

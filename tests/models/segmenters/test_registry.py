@@ -1,0 +1,83 @@
+"""The segmenter registry: every name builds, trains a step and predicts; errors for people."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsseg.errors import UserError
+from wsseg.models.backbones import ResNet
+from wsseg.models.segmenters import SEGMENTERS, build_segmenter
+
+NUM_CLASSES = 4
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "models"
+# The FCN family shares one page; every other model has docs/models/<name>.md.
+FAMILY_PAGES = {"fcn32s": "fcn.md", "fcn16s": "fcn.md", "fcn8s": "fcn.md", "fcn-d8": "fcn.md"}
+
+
+def test_registry_names():
+    assert list(SEGMENTERS) == ["fcn32s", "fcn16s", "fcn8s", "fcn-d8", "deeplab-v1", "deeplab-v2",
+                                "deeplab-v3", "deeplab-v3plus", "pspnet", "encnet", "mcibi"]
+
+
+@pytest.mark.parametrize("name", list(SEGMENTERS))
+def test_every_model_builds_trains_and_predicts(name):
+    torch.manual_seed(0)
+    model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25)
+    assert isinstance(model, SEGMENTERS[name])
+    assert isinstance(model.backbone, ResNet)
+    # One training step through the contract.
+    images = torch.randn(2, 3, 48, 40)
+    labels = torch.randint(0, NUM_CLASSES, (2, 48, 40))
+    labels[:, :4] = 255
+    outputs = model(images)
+    assert outputs["out"].shape[:2] == (2, NUM_CLASSES)
+    terms = model.loss(outputs, labels)
+    assert torch.isfinite(terms["total"])
+    terms["total"].backward()
+    backbone, heads = model.param_groups()
+    assert backbone and heads
+    assert len({id(p) for p in backbone + heads}) == len(backbone) + len(heads)
+    assert {id(p) for p in backbone + heads} == {id(p) for p in model.parameters() if p.requires_grad}
+    if hasattr(model, "after_step"):
+        with torch.no_grad():
+            model.after_step(outputs, labels, step=0, max_steps=10)
+    # Eval: logits at the (odd) input size, deterministic.
+    model.eval()
+    x = torch.randn(1, 3, 65, 49)
+    with torch.no_grad():
+        first, second = model.predict(x), model.predict(x)
+    assert first.shape == (1, NUM_CLASSES, 65, 49)
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("name", list(SEGMENTERS))
+def test_every_model_has_a_doc_page(name):
+    page = DOCS / FAMILY_PAGES.get(name, f"{name}.md")
+    assert page.is_file(), page
+    assert "## Measured on the demo data" in page.read_text(encoding="utf-8")
+
+
+def test_unknown_name_names_the_key_the_closest_match_and_the_choices():
+    with pytest.raises(UserError) as error:
+        build_segmenter("deeplabv3plus", NUM_CLASSES)
+    message = str(error.value)
+    assert message.startswith("segmenter.model: unknown model 'deeplabv3plus'")
+    assert "did you mean 'deeplab-v3plus'?" in message
+    assert all(name in message for name in SEGMENTERS)
+    assert "\n" not in message
+    with pytest.raises(UserError, match="unknown model 'unet'"):
+        build_segmenter("unet", NUM_CLASSES)
+
+
+def test_unknown_option_names_the_key_and_the_options():
+    with pytest.raises(UserError) as error:
+        build_segmenter("fcn8s", NUM_CLASSES, depth=18, width=0.25, msc=True)
+    message = str(error.value)
+    assert message.startswith("segmenter.msc: model 'fcn8s' has no option 'msc'")
+    assert "depth, width, output_stride, aux" in message
+    model = build_segmenter("deeplab-v2", NUM_CLASSES, depth=18, width=0.25, msc=True)
+    assert model.msc

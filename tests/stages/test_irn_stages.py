@@ -1,0 +1,91 @@
+"""mine-relations, train-irn and synthesize-labels on tiny real data: formats, learning, resume."""
+
+import json
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from tiny import tiny_config
+from wsseg import pipeline
+from wsseg.ops.panoptic import decode_ids
+from wsseg.stages import artifacts
+from wsseg.stages.mine_relations import relation_path
+from wsseg.stages.synthesize_labels import Paths, read_instances
+from wsseg.store import RunStore
+
+
+def test_relations_are_class_background_or_unsure(labels_run):
+    store = RunStore(labels_run.run.dir)
+    dataset = artifacts.open_dataset(labels_run)
+    num_classes = len(labels_run.data.classes)
+    for image_id in artifacts.image_ids(labels_run, "data.label_list")[:8]:
+        relations = artifacts.read_labels(relation_path(store, image_id))
+        assert relations.shape == dataset.image_size(image_id)
+        values = set(np.unique(relations).tolist())
+        assert values <= set(range(num_classes + 1)) | {255}
+        present = set((dataset.tags(image_id) + 1).tolist())
+        assert values - {0, 255} <= present  # only the image's own classes
+    metrics = store.record("relations")["metrics"]
+    assert 0 < metrics["coverage"] <= 1 and 0 < metrics["precision"] <= 1
+
+
+def test_train_irn_lowers_its_loss_and_stores_the_mean_displacement(labels_run):
+    store = RunStore(labels_run.run.dir)
+    record = store.record("irn")
+    total = record["curves"]["total"]
+    assert len(total) == labels_run.irn.epochs and total[-1] < total[0]
+    for term in ("aff_bg_pos", "aff_fg_pos", "aff_neg", "disp_fg", "disp_bg"):
+        assert term in record["curves"]
+    payload = artifacts.load_torch(store.folder("irn") / "model.pt", "irn")
+    assert payload["model"]["mean_displacement"].shape == (2,)
+
+
+def test_label_files_follow_the_artifact_formats(labels_run):
+    store = RunStore(labels_run.run.dir)
+    dataset = artifacts.open_dataset(labels_run)
+    panoptic = json.loads((store.folder("labels") / "panoptic.json").read_text())
+    assert [c["id"] for c in panoptic["categories"]] == list(range(len(labels_run.data.classes) + 1))
+    for image_id in artifacts.image_ids(labels_run, "data.label_list")[:8]:
+        paths = Paths(store, image_id)
+        height, width = dataset.image_size(image_id)
+        semantic = artifacts.read_labels(paths.semantic)
+        assert semantic.shape == (height, width) and semantic.max() <= len(labels_run.data.classes)
+        ids, classes, scores = read_instances(paths.instance)
+        assert ids.shape == (height, width) and len(classes) == len(scores) == ids.max(initial=0)
+        assert set(classes.tolist()) <= set((dataset.tags(image_id) + 1).tolist())
+        assert np.all((scores >= 0) & (scores <= 1))
+        segments = decode_ids(np.asarray(Image.open(paths.panoptic).convert("RGB")))
+        info = json.loads(paths.segments.read_text())["segments_info"]
+        assert set(np.unique(segments).tolist()) == {s["id"] for s in info}  # every pixel in a listed segment
+        assert sum(s["area"] for s in info) == height * width
+        boundary = artifacts.read_labels(paths.boundary)
+        assert boundary.shape == (-(-height // 4), -(-width // 4))
+    metrics = store.record("labels")["metrics"]
+    for key in ("semantic_miou", "instance_ap50", "pq"):
+        assert metrics[key] is not None and 0 <= metrics[key] <= 1
+
+
+def test_interrupted_synthesis_redoes_only_missing_images(labels_run, tmp_path):
+    import wsseg.stages.synthesize_labels as synthesize
+
+    run = tmp_path / "run"
+    shutil.copytree(labels_run.run.dir, run)
+    config = tiny_config(labels_run.data.root, run)
+    store = RunStore(run)
+    ids = artifacts.image_ids(config, "data.label_list")
+    removed = ids[:3]
+    kept = ids[3]
+    for image_id in removed:
+        Paths(store, image_id).segments.unlink()  # as if killed before these images finished
+    kept_time = Paths(store, kept).semantic.stat().st_mtime_ns
+    record = store.record("labels")
+    record["status"] = "running"
+    store.write_record("labels", record)
+    assert {s.name: s.state for s in pipeline.status(config)}["synthesize-labels"] == "partial"
+    pipeline.run_stage(synthesize, config)
+    assert Paths(store, kept).semantic.stat().st_mtime_ns == kept_time
+    original = RunStore(labels_run.run.dir)
+    for image_id in removed:
+        assert np.array_equal(artifacts.read_labels(Paths(store, image_id).semantic),
+                              artifacts.read_labels(Paths(original, image_id).semantic))

@@ -1,0 +1,73 @@
+"""train-segmenter on tiny real data: pseudo and ground-truth training, evaluation modes, predictions."""
+
+from wsseg import pipeline
+from wsseg.stages import artifacts
+from wsseg.stages.train_segmenter import folder_of, load_network
+from wsseg.store import RunStore, read_json
+
+from tiny import tiny_config
+
+
+def test_trains_on_pseudo_and_ground_truth_and_evaluates(labels_run, tmp_path):
+    import wsseg.stages.train_segmenter as train_segmenter
+
+    config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.labels=both")
+    pipeline.run_stage(train_segmenter, config)
+    store = RunStore(config.run.dir)
+    record = store.record("segmenter/deeplab-v2")
+    metrics = record["metrics"]
+    for source in ("pseudo", "gt"):
+        values = metrics[source]
+        for mode in ("single", "msflip", "crf"):
+            assert 0 <= values[f"miou_{mode}"] <= 1
+        assert read_json(folder_of(store, config, source) / "metrics.json")["miou_single"] == values["miou_single"]
+        load_network(config, store, source)  # model.pt loads into the configured architecture
+        loss = record["curves"][source]["total"]
+        assert loss[-1] < loss[0]
+        val_ids = artifacts.image_ids(config, "data.val_list")
+        assert all((folder_of(store, config, source) / "predictions" / f"{i}.png").exists() for i in val_ids)
+    assert metrics["pseudo_to_gt"] == round(metrics["miou_pseudo"] / metrics["miou_gt"], 4)
+    states = {s.name: s for s in pipeline.status(config)}
+    assert states["train-segmenter"].state == "done"
+    # another model trains beside it in the same run directory
+    other = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=fcn8s", "segmenter.eval_mode=single")
+    pipeline.run_stage(train_segmenter, other)
+    assert (store.folder("segmenter/fcn8s/pseudo") / "model.pt").exists()
+    assert (store.folder("segmenter/deeplab-v2/pseudo") / "model.pt").exists()
+
+
+def test_predict_labels_a_folder_and_reports_a_corrupt_file(labels_run, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import wsseg.stages.train_segmenter as train_segmenter
+    from wsseg.data.images import read_label_png
+
+    config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=fcn8s", "segmenter.eval_mode=single")
+    pipeline.run_stage(train_segmenter, config)
+    images = tmp_path / "images"
+    images.mkdir()
+    ids = artifacts.image_ids(config, "data.val_list")[:2]
+    for image_id in ids:
+        shutil.copy(artifacts.open_dataset(config).image_path(image_id), images / f"{image_id}.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-c", "import torch; torch.set_num_threads(1); from wsseg.cli import main; main()",
+         "predict", "--config", "pipelines/demo.yaml", *sum((["--set", s] for s in _overrides(config)), []),
+         "--images", str(images), "--out", str(out), "--model", "fcn8s", "--overlay"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "broken.jpg" in result.stderr and "2 of the images" not in result.stderr
+    for image_id in ids:
+        labels = read_label_png(out / f"{image_id}.png")
+        assert labels.shape == artifacts.open_dataset(config).image_size(image_id)
+        assert (out / f"{image_id}_overlay.png").exists()
+    assert not (out / "broken.png").exists()
+
+
+def _overrides(config):
+    from tiny import TINY
+
+    return [f"data.root={config.data.root}", f"run.dir={config.run.dir}", *TINY, "segmenter.model=fcn8s"]

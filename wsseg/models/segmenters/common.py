@@ -1,0 +1,256 @@
+"""Parts the segmenters share (ALGORITHMS.md §2): the base class that implements the
+segmenter contract, the auxiliary FCN head, ASPP (DeepLab v3) and ASPP-L (DeepLab v2),
+label-aware cross-entropy and small helpers.
+
+A segmenter is a ResNet `backbone` plus heads. Subclassing `Segmenter` and writing
+`head(features)` gives the contract's forward / loss / predict / param_groups:
+
+    class MyNet(Segmenter):
+        def __init__(self, num_classes, *, depth=50, width=1.0, output_stride=8, aux=True):
+            super().__init__()
+            self.backbone = resnet(depth, output_stride=output_stride, width=width)
+            self.aux_head = AuxHead(self.backbone.channels["layer3"], num_classes) if aux else None
+            self.classifier = classifier(self.backbone.channels["layer4"], num_classes)
+
+        def head(self, features):
+            return self.classifier(features["layer4"])
+
+Head widths: the papers' channel counts (ASPP 256, PSPNet 512, ...) belong to a
+2048-channel layer4 (ResNet-50/101 at width 1). `head_channels` scales them with the
+backbone's layer4, as mmsegmentation's ResNet-18 configs do (a quarter: 512 -> 128),
+so a width-0.25 ResNet-18 gets a head of matching size. At ResNet-50/101 width 1 the
+numbers are the papers'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsseg.models.backbones import ResNet
+
+IGNORE_INDEX = 255
+# layer4 channels of the backbones the papers' head widths were designed for (R50/R101).
+REFERENCE_LAYER4_CHANNELS = 2048
+
+
+def head_channels(backbone: ResNet, channels: int) -> int:
+    """A paper's head width `channels` scaled to this backbone's layer4 (at least 8).
+
+    channels * backbone.channels["layer4"] / 2048, rounded: 256 stays 256 on ResNet-50,
+    becomes 64 on ResNet-18 and 16 on a width-0.25 ResNet-18 (128-channel layer4).
+    """
+    return max(8, int(round(channels * backbone.channels["layer4"] / REFERENCE_LAYER4_CHANNELS)))
+
+
+def classifier(in_channels: int, num_classes: int) -> nn.Conv2d:
+    """The final 1x1 conv to class logits, initialised N(0, 0.01) with zero bias (DeepLab's
+    fc8 filler and mmsegmentation's conv_seg)."""
+    conv = nn.Conv2d(in_channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, *,
+                 dilation: int = 1) -> nn.Sequential:
+    """kxk conv (no bias: BN follows), BatchNorm, ReLU; 'same' padding for odd k."""
+    padding = dilation * (kernel_size // 2)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def upsample_to(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """(B, K, h, w) -> (B, K, *size), bilinear, align_corners=False; unchanged if already that size."""
+    size = tuple(int(s) for s in size)
+    if tuple(logits.shape[-2:]) == size:
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def downsample_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest, corner-aligned label resizing: (B, H, W) int64 -> (B, h, w) int64.
+
+    Output pixel (i, j) takes input pixel (round(i·(H−1)/(h−1)), round(j·(W−1)/(w−1)))
+    (row 0 for h = 1). This is DeepLab's Caffe `label_shrink` (an Interp layer with
+    aligned corners): a 321 crop gives 41x41 logits at OS8 and the labels are read at
+    rows and columns 0, 8, ..., 320, the centres of the logits' receptive fields.
+    Interpolating class ids would invent classes, so only whole pixels are picked.
+    """
+    height, width = labels.shape[-2:]
+    rows = _corner_aligned_indices(height, int(size[0]), labels.device)
+    cols = _corner_aligned_indices(width, int(size[1]), labels.device)
+    return labels[..., rows[:, None], cols[None, :]]
+
+
+def _corner_aligned_indices(source: int, target: int, device: torch.device) -> Tensor:
+    """round(i·(source−1)/(target−1)) for i < target, in exact integer arithmetic."""
+    index = torch.arange(target, device=device)
+    if target == 1:
+        return index * 0
+    # floor(i·(S−1)/(T−1) + 1/2) without floating point.
+    return (2 * index * (source - 1) + (target - 1)) // (2 * (target - 1))
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, size_from: str = "label") -> Tensor:
+    """Mean per-pixel cross-entropy over pixels whose label is not 255; a float32 scalar.
+
+    logits (B, K, h, w); labels (B, H, W) int64 in 0..K−1 or 255. size_from="label":
+    the logits are upsampled to H x W (bilinear, align_corners=False: the toolboxes'
+    loss); "logits": the labels are downsampled to h x w with `downsample_labels`
+    (DeepLab v1/v2). A batch with no labelled pixel gives 0 (with a graph), not NaN.
+    """
+    if size_from == "label":
+        logits = upsample_to(logits, labels.shape[-2:])
+    elif size_from == "logits":
+        labels = downsample_labels(labels, logits.shape[-2:])
+    else:
+        raise ValueError(f"size_from must be 'label' or 'logits', got {size_from!r}")
+    summed = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class AuxHead(nn.Module):
+    """The auxiliary FCN head on layer3 (PSPNet's deep supervision, the toolboxes' aux
+    head): 3x3 conv `channels`, BN, ReLU, dropout 0.1, 1x1 to classes. Training only."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, channels: int = 256,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = classifier(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, h, w) -> logits (B, num_classes, h, w)."""
+        return self.classifier(self.dropout(self.conv(x)))
+
+
+class ImagePooling(nn.Module):
+    """ASPP's image-level branch: global average pool, 1x1 conv, BN, ReLU, broadcast back.
+
+    BatchNorm sees one value per image and channel, so training needs at least 2 images
+    per device (PyTorch raises otherwise), as in every reference implementation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.project = conv_bn_relu(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.project(x.mean(dim=(2, 3), keepdim=True))
+        return pooled.expand(-1, -1, *x.shape[-2:])
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling of DeepLab v3 (Chen et al. 2017).
+
+    Branches: 1x1 conv; one 3x3 conv per rate; image pooling (optional). Each gives
+    `out_channels` with BN + ReLU; their concatenation goes through 1x1 conv
+    `out_channels`, BN, ReLU and dropout (0.1: the TF reference's keep_prob 0.9 after
+    the concat projection). Rates are (6, 12, 18) at output stride 16; pass them doubled
+    at OS8.
+
+    Attributes: rates (tuple), branches (nn.ModuleList: the 1x1, the rate convs in
+    order, then the pooling branch).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 256, rates: Sequence[int] = (6, 12, 18),
+                 image_pooling: bool = True, *, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.rates = tuple(int(r) for r in rates)
+        branches: list[nn.Module] = [conv_bn_relu(in_channels, out_channels, 1)]
+        branches += [conv_bn_relu(in_channels, out_channels, 3, dilation=r) for r in self.rates]
+        if image_pooling:
+            branches.append(ImagePooling(in_channels, out_channels))
+        self.branches = nn.ModuleList(branches)
+        self.project = conv_bn_relu(len(branches) * out_channels, out_channels, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, h, w) -> (B, out_channels, h, w)."""
+        merged = torch.cat([branch(x) for branch in self.branches], dim=1)
+        return self.dropout(self.project(merged))
+
+
+class ASPPSum(nn.Module):
+    """DeepLab v2's ASPP-L: one 3x3 conv per rate (6, 12, 18, 24) straight to class
+    logits, summed. Each conv has a bias and the N(0, 0.01) filler of DeepLab's fc1_c*.
+
+    Attributes: rates (tuple), branches (nn.ModuleList of the convs, in rate order).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.rates = tuple(int(r) for r in rates)
+        self.branches = nn.ModuleList()
+        for rate in self.rates:
+            conv = nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate)
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+            self.branches.append(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, h, w) -> logits (B, num_classes, h, w)."""
+        logits = self.branches[0](x)
+        for branch in self.branches[1:]:
+            logits = logits + branch(x)
+        return logits
+
+
+class Segmenter(nn.Module):
+    """Base of the segmenters: the contract's forward / loss / predict / param_groups.
+
+    Subclasses set `backbone` (a ResNet), `aux_head` (AuxHead on layer3 or None) and
+    implement `head(features) -> main logits`. Class attributes:
+      aux_weight: weight of the aux term in "total" (0.4, PSPNet's).
+      label_size_from: "label" (logits upsampled to the label: the toolboxes) or
+        "logits" (labels downsampled to the logits: DeepLab v1/v2); see cross_entropy.
+    """
+
+    aux_weight: float = 0.4
+    label_size_from: str = "label"
+    backbone: ResNet
+    aux_head: AuxHead | None
+
+    def head(self, features: dict[str, Tensor]) -> Tensor:
+        """Backbone stage outputs -> main logits (B, num_classes, h, w)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x (B, 3, H, W) normalised -> {"out": main logits at the head's resolution,
+        "aux": layer3 logits (when the model has an aux head)}."""
+        features = self.backbone(x)
+        outputs = {"out": self.head(features)}
+        if self.aux_head is not None:
+            outputs["aux"] = self.aux_head(features["layer3"])
+        return outputs
+
+    def loss(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """Terms "main" (CE of "out") and, if present, "aux" (CE of "aux", unweighted);
+        "total" = main + aux_weight·aux. labels (B, H, W) int64, 255 ignored."""
+        terms = {"main": cross_entropy(outputs["out"], labels, self.label_size_from)}
+        total = terms["main"]
+        if "aux" in outputs:
+            terms["aux"] = cross_entropy(outputs["aux"], labels, self.label_size_from)
+            total = total + self.aux_weight * terms["aux"]
+        terms["total"] = total
+        return terms
+
+    def predict(self, x: Tensor) -> Tensor:
+        """x (B, 3, H, W) -> main logits (B, num_classes, H, W), bilinearly upsampled; no
+        aux head. Does not switch modes: call model.eval() first for test-time behaviour."""
+        return upsample_to(self.head(self.backbone(x)), x.shape[-2:])
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, all other parameters), trainable ones only, each once."""
+        in_backbone = {id(p) for p in self.backbone.parameters()}
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        heads = [p for p in self.parameters() if p.requires_grad and id(p) not in in_backbone]
+        return backbone, heads

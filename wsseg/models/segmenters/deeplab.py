@@ -1,0 +1,212 @@
+"""DeepLab v1 (LargeFOV), v2 (ASPP-L, optional MSC), v3 (ASPP) and v3+ (ASPP + decoder)
+on a dilated ResNet (Chen et al. 2015, 2017, 2017, 2018; ALGORITHMS.md §2).
+
+v1 and v2 compute their loss on the labels downsampled to the logits (nearest,
+corner-aligned: `common.downsample_labels`), as the Caffe releases did; v3 and v3+
+upsample the logits to the labels. v1 and v2 carry their DenseCRF settings in
+`crf_defaults` (keyword arguments of wsseg.ops.crf.crf_from_probs).
+
+Dilation rates are the papers' at their output stride (v1/v2: OS8, v3/v3+: OS16) and
+scale inversely with it: v3's (6, 12, 18) become (12, 24, 36) at OS8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsseg.models.backbones import resnet
+from wsseg.models.segmenters.common import (
+    ASPP,
+    ASPPSum,
+    AuxHead,
+    Segmenter,
+    classifier,
+    conv_bn_relu,
+    cross_entropy,
+    head_channels,
+    upsample_to,
+)
+from wsseg.ops.crf import DEEPLAB_V2_RESNET101_CRF
+
+# DeepLab v2's multi-scale inputs (MSC): the image at 1, 0.75 and 0.5 of its size.
+MSC_SCALES = (1.0, 0.75, 0.5)
+
+
+def _check_output_stride(model: str, output_stride: int) -> None:
+    if output_stride not in (8, 16):
+        raise ValueError(f"{model}: output_stride must be 8 or 16, got {output_stride}")
+
+
+def _aux_head(backbone, num_classes: int, aux: bool) -> AuxHead | None:
+    if not aux:
+        return None
+    return AuxHead(backbone.channels["layer3"], num_classes, channels=head_channels(backbone, 256))
+
+
+class DeepLabV1(Segmenter):
+    """DeepLab v1 LargeFOV: 3x3 conv dilation 12 -> 1024, ReLU, dropout 0.5, 1x1 1024,
+    ReLU, dropout 0.5, 1x1 to classes (fc6/fc7/fc8 of the VGG release; no BatchNorm).
+    1024 is scaled with the backbone (`head_channels`). Loss on downsampled labels."""
+
+    label_size_from = "logits"
+    # DeepLab v1's DenseCRF: bilateral w 4, sxy 121, srgb 5; Gaussian w 3, sxy 3.
+    crf_defaults = dict(bilateral_weight=4, bilateral_sxy=121, bilateral_srgb=5,
+                        gaussian_weight=3, gaussian_sxy=3)
+
+    def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
+                 output_stride: int = 8, aux: bool = False) -> None:
+        super().__init__()
+        _check_output_stride("deeplab-v1", output_stride)
+        self.backbone = resnet(depth, output_stride=output_stride, width=width)
+        channels = head_channels(self.backbone, 1024)
+        dilation = 12 * 8 // output_stride  # LargeFOV: 12 at OS8
+        self.fc6 = nn.Conv2d(self.backbone.channels["layer4"], channels, 3, padding=dilation, dilation=dilation)
+        self.fc7 = nn.Conv2d(channels, channels, 1)
+        self.relu = nn.ReLU(inplace=True)
+        # Caffe's Dropout layer drops single activations (not whole channels).
+        self.dropout6 = nn.Dropout(0.5)
+        self.dropout7 = nn.Dropout(0.5)
+        self.classifier = classifier(channels, num_classes)
+        self.aux_head = _aux_head(self.backbone, num_classes, aux)
+
+    def head(self, features: dict[str, Tensor]) -> Tensor:
+        x = self.dropout6(self.relu(self.fc6(features["layer4"])))
+        x = self.dropout7(self.relu(self.fc7(x)))
+        return self.classifier(x)
+
+
+class DeepLabV2(Segmenter):
+    """DeepLab v2: ASPP-L (four 3x3 convs to classes, rates 6, 12, 18, 24 at OS8, summed).
+
+    msc=True adds DeepLab v2's multi-scale inputs: the network runs on the image at
+    scales 1, 0.75 and 0.5 (bilinear resizing); the 0.75 and 0.5 logits are upsampled
+    (bilinear) to the scale-1 logits and the three are fused by an elementwise max.
+    forward() then returns "out" (the fused logits) plus "scale1.0", "scale0.75",
+    "scale0.5" (each at its own resolution; "aux" is from the scale-1 pass) and loss()
+    has four equally weighted CE terms, each on the labels downsampled to that output:
+    total = main (fused) + scale1.0 + scale0.75 + scale0.5 [+ aux_weight·aux]
+    (the DeepLab v2 PyTorch port's sum over its four outputs). predict() gives the
+    fused logits.
+    """
+
+    label_size_from = "logits"
+    # DeepLab v2 ResNet-101's DenseCRF (4, 67, 3, 3, 1).
+    crf_defaults = dict(DEEPLAB_V2_RESNET101_CRF)
+
+    def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
+                 output_stride: int = 8, aux: bool = False, msc: bool = False) -> None:
+        super().__init__()
+        _check_output_stride("deeplab-v2", output_stride)
+        self.msc = msc
+        self.backbone = resnet(depth, output_stride=output_stride, width=width)
+        rates = tuple(r * 8 // output_stride for r in (6, 12, 18, 24))
+        self.aspp = ASPPSum(self.backbone.channels["layer4"], num_classes, rates)
+        self.aux_head = _aux_head(self.backbone, num_classes, aux)
+
+    def head(self, features: dict[str, Tensor]) -> Tensor:
+        return self.aspp(features["layer4"])
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if not self.msc:
+            return super().forward(x)
+        features = self.backbone(x)
+        outputs = self._msc(x, self.head(features))
+        if self.aux_head is not None:
+            outputs["aux"] = self.aux_head(features["layer3"])
+        return outputs
+
+    def loss(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        terms = super().loss(outputs, labels)
+        if self.msc:
+            for scale in MSC_SCALES:
+                key = _scale_key(scale)
+                terms[key] = cross_entropy(outputs[key], labels, self.label_size_from)
+                terms["total"] = terms["total"] + terms[key]
+        return terms
+
+    def predict(self, x: Tensor) -> Tensor:
+        if not self.msc:
+            return super().predict(x)
+        return upsample_to(self._msc(x, self.head(self.backbone(x)))["out"], x.shape[-2:])
+
+    def _msc(self, x: Tensor, full_scale: Tensor) -> dict[str, Tensor]:
+        """Given the scale-1 logits, run the smaller scales and fuse by elementwise max."""
+        outputs = {_scale_key(1.0): full_scale}
+        fused = full_scale
+        for scale in MSC_SCALES[1:]:
+            logits = self.head(self.backbone(_rescale(x, scale)))
+            outputs[_scale_key(scale)] = logits
+            fused = torch.maximum(fused, upsample_to(logits, fused.shape[-2:]))
+        outputs["out"] = fused
+        return outputs
+
+
+def _scale_key(scale: float) -> str:
+    """The output/loss-term name of one MSC scale: "scale1.0", "scale0.75", "scale0.5"."""
+    return f"scale{scale}"
+
+
+def _rescale(x: Tensor, scale: float) -> Tensor:
+    """The batch resized by `scale` (size floor(H·scale), at least 1), bilinear."""
+    size = (max(1, int(x.shape[-2] * scale)), max(1, int(x.shape[-1] * scale)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class DeepLabV3(Segmenter):
+    """DeepLab v3: multi-grid dilated ResNet, ASPP (256 ch at ResNet-50 width), 1x1
+    classifier; aux head on layer3 (weight 0.4).
+
+    Args:
+        output_stride: 16 (the paper's training setting) or 8; ASPP rates
+            (6, 12, 18) at OS16, doubled at OS8.
+        multi_grid: per-unit multipliers of layer4's dilation (paper: (1, 2, 4)); None
+            for plain dilation.
+    """
+
+    def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
+                 output_stride: int = 16, aux: bool = True,
+                 multi_grid: Sequence[int] | None = (1, 2, 4)) -> None:
+        super().__init__()
+        _check_output_stride("deeplab-v3/v3+", output_stride)
+        self.backbone = resnet(depth, output_stride=output_stride, width=width,
+                               multi_grid=tuple(multi_grid) if multi_grid is not None else None)
+        self.aspp_channels = head_channels(self.backbone, 256)
+        rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
+        self.aspp = ASPP(self.backbone.channels["layer4"], self.aspp_channels, rates)
+        self.classifier = classifier(self.aspp_channels, num_classes)
+        self.aux_head = _aux_head(self.backbone, num_classes, aux)
+
+    def head(self, features: dict[str, Tensor]) -> Tensor:
+        return self.classifier(self.aspp(features["layer4"]))
+
+
+class DeepLabV3Plus(DeepLabV3):
+    """DeepLab v3+: the v3 encoder and a decoder at stride 4.
+
+    layer1 (stride 4) -> 1x1 conv 48 (BN, ReLU); the ASPP output upsampled (bilinear,
+    x4 at OS16) to layer1's size; concat -> two 3x3 convs 256 (BN, ReLU) -> 1x1
+    classifier. Logits at stride 4; the loss and predict() upsample them x4. Channel
+    counts (48, 256) are scaled with the backbone. Arguments as DeepLabV3.
+    """
+
+    def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
+                 output_stride: int = 16, aux: bool = True,
+                 multi_grid: Sequence[int] | None = (1, 2, 4)) -> None:
+        super().__init__(num_classes, depth=depth, width=width, output_stride=output_stride,
+                         aux=aux, multi_grid=multi_grid)
+        low_level = head_channels(self.backbone, 48)
+        self.reduce = conv_bn_relu(self.backbone.channels["layer1"], low_level, 1)
+        self.decoder = nn.Sequential(
+            conv_bn_relu(self.aspp_channels + low_level, self.aspp_channels, 3),
+            conv_bn_relu(self.aspp_channels, self.aspp_channels, 3),
+        )
+        # v3's `classifier` (aspp_channels -> classes) now reads the decoder's output.
+
+    def head(self, features: dict[str, Tensor]) -> Tensor:
+        low = self.reduce(features["layer1"])
+        context = upsample_to(self.aspp(features["layer4"]), low.shape[-2:])
+        return self.classifier(self.decoder(torch.cat([context, low], dim=1)))

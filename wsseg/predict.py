@@ -1,0 +1,51 @@
+"""`wsseg predict`: label a folder of new images with a trained segmenter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsseg import viz
+from wsseg.config import Config
+from wsseg.data.images import read_image
+from wsseg.errors import UserError
+from wsseg.models.segmenters.inference import predict_labels
+from wsseg.stages import artifacts
+from wsseg.stages.train_segmenter import folder_of, load_network
+from wsseg.store import RunStore, atomic_path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def predict_folder(config: Config, images: Path, out: Path, *, source: str, mode: str, overlay: bool,
+                   device: torch.device, progress=None) -> dict[str, str]:
+    """Write <out>/<stem>.png for every image in `images`; returns {file name: reason} for those that failed."""
+    if not images.is_dir():
+        raise UserError(f"--images: {images} is not a folder")
+    store = RunStore(Path(config.run.dir))
+    if not (folder_of(store, config, source) / "model.pt").exists():
+        raise UserError(f"no trained {config.segmenter.model} on {source} labels in {config.run.dir}; "
+                        f"run `wsseg train-segmenter` first (or pass --model / --labels)")
+    model = load_network(config, store, source).to(device)
+    files = sorted(p for p in images.iterdir() if p.is_file() and not p.name.startswith("."))
+    out.mkdir(parents=True, exist_ok=True)
+    failed: dict[str, str] = {}
+    for path in (progress(files, desc="predict") if progress else files):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            failed[path.name] = "not an image file (by its extension)"
+            continue
+        try:
+            image = read_image(path)
+        except UserError as error:
+            failed[path.name] = str(error).split(": ", 1)[-1]
+            continue
+        labels, _ = predict_labels(model, image, device=device, mode=mode, scales=config.segmenter.test_scales,
+                                   window=config.segmenter.window or None)
+        artifacts.write_labels(out / f"{path.stem}.png", labels)
+        if overlay:
+            picture = viz.overlay(image, viz.label_colors(labels), 0.6, mask=labels > 0)
+            with atomic_path(out / f"{path.stem}_overlay.png") as tmp:
+                viz.save_png(tmp, np.asarray(picture))
+    return failed

@@ -1,0 +1,227 @@
+"""train-segmenter: a fully supervised segmenter trained on the synthesized labels (ALGORITHMS.md §2).
+
+`segmenter.labels` picks the training masks: `pseudo` (labels/semantic from
+synthesize-labels), `gt` (the dataset's own masks, the fully supervised reference) or
+`both` (each, with the same recipe, so the pseudo/gt ratio is one command). Outputs go to
+segmenter/<model>/<labels>/{model.pt, checkpoint.pt, metrics.json, predictions/}; several
+models live side by side in one run directory. Validation: single scale, multi-scale +
+flip, and + DenseCRF, on `data.val_list`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsseg.config import Config
+from wsseg.context import StageContext, resolve_device
+from wsseg.data.datasets import LabelledImages
+from wsseg.data.transforms import SegmentationAugment
+from wsseg.errors import UserError
+from wsseg.metrics import ConfusionMatrix
+from wsseg.models.backbones import load_weights
+from wsseg.models.segmenters import build_segmenter
+from wsseg.models.segmenters.inference import dense_crf, predict_labels
+from wsseg.stages import artifacts
+from wsseg.stages.synthesize_labels import Paths as LabelPaths
+from wsseg.store import RunStore, write_json
+from wsseg.training import seed_everything, sgd, train
+
+NAME = "train-segmenter"
+NEEDS = ("synthesize-labels",)
+SECTIONS = ("run.seed", "data.root", "data.classes", "data.segmenter_train_list", "data.val_list", "segmenter",
+            "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode", "-segmenter.window", "-segmenter.sync_bn")
+VERSION = 1
+HEADLINE = "miou"
+
+
+def OUTPUTS(config: Config) -> tuple[str, ...]:  # noqa: N802 - the stage contract's name
+    return (f"segmenter/{config.segmenter.model}",)
+
+
+def label_sources(config: Config) -> tuple[str, ...]:
+    return ("pseudo", "gt") if config.segmenter.labels == "both" else (config.segmenter.labels,)
+
+
+def folder_of(store: RunStore, config: Config, source: str) -> Path:
+    return store.folder(f"segmenter/{config.segmenter.model}/{source}")
+
+
+class PseudoLabels:
+    """label_reader: synthesize-labels' semantic label of an image (picklable for workers)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        labels = artifacts.read_labels(LabelPaths(RunStore(self.run_dir), image_id).semantic)
+        if labels is None:
+            raise UserError(f"labels/semantic/{image_id}.png is missing or damaged; data.segmenter_train_list must be "
+                            f"covered by data.label_list, and synthesize-labels must have run")
+        return labels
+
+
+def build_network(config: Config, *, load_pretrained: bool = True) -> nn.Module:
+    segmenter = config.segmenter
+    options = {} if segmenter.aux is None else {"aux": segmenter.aux}
+    model = build_segmenter(segmenter.model, len(config.data.classes) + 1, depth=segmenter.depth, width=segmenter.width,
+                            **options)
+    if load_pretrained:
+        load_weights(model.backbone, segmenter.weights)
+    return model
+
+
+def load_network(config: Config, store: RunStore, source: str) -> nn.Module:
+    payload = artifacts.load_torch(folder_of(store, config, source) / "model.pt", f"the trained {config.segmenter.model}")
+    model = build_network(config, load_pretrained=False)
+    model.load_state_dict(payload["model"])
+    return model.eval()
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
+def train_one(ctx: StageContext, source: str) -> dict:
+    config, segmenter = ctx.config, ctx.config.segmenter
+    dataset = artifacts.open_dataset(config)
+    ids = artifacts.image_ids(config, "data.segmenter_train_list")
+    if source == "gt":
+        ids = [i for i in ids if dataset.has_semantic(i)]
+        if not ids:
+            raise UserError("segmenter.labels: gt needs ground-truth masks for data.segmenter_train_list; none were found")
+        reader = dataset.read_semantic
+    else:
+        reader = PseudoLabels(str(ctx.store.root))
+    images = LabelledImages(dataset, ids, reader, SegmentationAugment(scale_range=segmenter.scale_range, crop_size=segmenter.crop),
+                            seed=config.run.seed)
+    per_process = segmenter.batch_size // ctx.dist.world_size
+    if per_process < 2 and not (segmenter.sync_bn and ctx.dist.enabled):
+        raise UserError(f"segmenter.batch_size: {segmenter.batch_size} gives {per_process} image per process; BatchNorm "
+                        f"needs at least 2 (or segmenter.sync_bn: true under torchrun)")
+    model = build_network(config)
+    if hasattr(model, "memory_loss_after_step"):
+        # MCIBI: the memory-consistency loss starts after the first epoch, as in the paper
+        model.memory_loss_after_step = len(images) // segmenter.batch_size
+    if segmenter.sync_bn and ctx.dist.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    backbone_params, head_params = model.param_groups()
+    optimizer = sgd([(backbone_params, segmenter.lr), (head_params, segmenter.lr * segmenter.head_lr_mult)],
+                    momentum=segmenter.momentum, weight_decay=segmenter.weight_decay)
+    # The recipe counts optimisation steps; the loop counts epochs (checkpoints are per epoch).
+    epochs = max(1, math.ceil(segmenter.iterations * segmenter.batch_size / len(images)))
+
+    def loss_fn(net, batch):
+        outputs = net(batch["image"])
+        batch["_outputs"] = outputs
+        return _unwrap(net).loss(outputs, batch["label"])
+
+    def after_step(net, batch, step, max_steps):
+        module = _unwrap(net)
+        if hasattr(module, "after_step"):
+            with torch.no_grad():
+                module.after_step(batch["_outputs"], batch["label"], step, max_steps)
+
+    folder = folder_of(ctx.store, config, source)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = train(ctx, model=model, optimizer=optimizer, dataset=images, batch_size=segmenter.batch_size, epochs=epochs,
+                   loss_fn=loss_fn, checkpoint=folder / "checkpoint.pt", seed=config.run.seed, after_step=after_step,
+                   phase=f"{segmenter.model} on {source} labels")
+    model = model.cpu().eval()
+    if ctx.dist.is_main:
+        artifacts.save_torch(folder / "model.pt", {"model": model.state_dict(), "model_name": segmenter.model})
+    return {"curves": result.curves, "train_images": len(ids), "epochs": epochs,
+            "images_per_second": round(result.images_per_second, 2)}
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    seed_everything(config.run.seed)
+    metrics: dict = {"model": config.segmenter.model}
+    curves: dict = {}
+    for source in label_sources(config):
+        trained = train_one(ctx, source)
+        curves[source] = trained.pop("curves")
+        metrics[source] = trained
+    ctx.dist.barrier()
+    if ctx.dist.is_main:
+        evaluation = evaluate(config, ctx.store, ctx.progress, device=ctx.device)
+        for source, values in evaluation.items():
+            metrics.setdefault(source, {}).update(values)
+        metrics.update(headline(metrics))
+    return {"metrics": metrics, "curves": curves}
+
+
+def headline(metrics: dict) -> dict:
+    """The numbers `status` and README's table show: best-mode val mIoU per label source and their ratio."""
+    out = {}
+    for source in ("pseudo", "gt"):
+        values = metrics.get(source, {})
+        best = values.get("miou_crf") or values.get("miou_msflip") or values.get("miou_single")
+        if best is not None:
+            out[f"miou_{source}"] = best
+    if "miou_pseudo" in out:
+        out["miou"] = out["miou_pseudo"]
+    elif "miou_gt" in out:
+        out["miou"] = out["miou_gt"]
+    if out.get("miou_pseudo") and out.get("miou_gt"):
+        out["pseudo_to_gt"] = round(out["miou_pseudo"] / out["miou_gt"], 4)
+    return out
+
+
+def evaluate(config: Config, store: RunStore, progress=None, device: torch.device | None = None) -> dict:
+    """Val mIoU of every trained label source: single scale, ms+flip, ms+flip+CRF (per `segmenter.eval_mode`)."""
+    device = device or resolve_device(config.run.device)
+    dataset = artifacts.open_dataset(config)
+    ids = artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.val_list"))
+    names = ["background", *config.data.classes]
+    results = {}
+    for source in label_sources(config):
+        if not (folder_of(store, config, source) / "model.pt").exists():
+            continue
+        model = load_network(config, store, source).to(device)
+        modes = {"single": ["single"], "msflip": ["msflip"], "all": ["single", "msflip"]}[config.segmenter.eval_mode]
+        matrices = {mode: ConfusionMatrix(len(names)) for mode in modes}
+        use_crf = config.segmenter.crf and config.segmenter.eval_mode == "all"
+        if use_crf:
+            matrices["crf"] = ConfusionMatrix(len(names))
+        crf_params = getattr(model, "crf_defaults", None) or {}
+        predictions = folder_of(store, config, source) / "predictions"
+        for image_id in (progress(ids, desc=f"evaluating {config.segmenter.model} ({source})") if progress else ids):
+            image, truth = dataset.read_image(image_id), dataset.read_semantic(image_id)
+            best = None
+            for mode in modes:
+                labels, probs = predict_labels(model, image, device=device, mode=mode, scales=config.segmenter.test_scales,
+                                               window=config.segmenter.window or None)
+                matrices[mode].update(labels, truth)
+                best = (labels, probs)
+            if use_crf:
+                refined = dense_crf(image, best[1], **crf_params).argmax(axis=0).astype(np.uint8)
+                matrices["crf"].update(refined, truth)
+                best = (refined, None)
+            artifacts.write_labels(predictions / f"{image_id}.png", best[0])
+        values = {"val_images": len(ids)}
+        for mode, matrix in matrices.items():
+            summary = matrix.summary(names)
+            values[f"miou_{mode}"] = summary["miou"]
+            if mode == list(matrices)[-1]:
+                values["per_class_iou"] = summary["per_class_iou"]
+                values["pixel_accuracy"] = summary["pixel_accuracy"]
+                values["mean_class_accuracy"] = summary["mean_class_accuracy"]
+        write_json(folder_of(store, config, source) / "metrics.json", values)
+        results[source] = values
+    return results
+
+
+def inspect_tiles(view) -> list[np.ndarray]:
+    tiles = []
+    for source in label_sources(view.config):
+        path = folder_of(view.store, view.config, source) / "predictions" / f"{view.id}.png"
+        labels = artifacts.read_labels(path)
+        if labels is not None:
+            tiles.append(view.labels_tile(f"{view.config.segmenter.model} ({source} labels)", labels))
+    return tiles
