@@ -32,6 +32,13 @@ def test_yaml_and_typed_overrides(tmp_path):
     assert config.run.dir == "runs/x"
 
 
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    path = write(tmp_path, "a.yaml", "cam:\n  weight_decay: 1e-4\n")  # PyYAML reads this as a string
+    assert load_config([path], ["cam.lr=1e30"]).cam.weight_decay == 1e-4
+    with pytest.raises(UserError, match="is not a number"):
+        load_config([], ["cam.lr=fast"])
+
+
 def test_stacked_files_later_wins(tmp_path):
     base = write(tmp_path, "base.yaml", "relations:\n  conf_fg: 0.3\n  conf_bg: 0.05\n")
     top = write(tmp_path, "top.yaml", "relations:\n  conf_fg: 0.4\n")

@@ -39,8 +39,17 @@ def _add_file_log(run_dir: Path) -> None:
     log.addHandler(handler)
 
 
+def _one_line(message: str) -> str:
+    """A message as one line; an error re-raised by a DataLoader worker carries the worker's
+    traceback in its text: keep only the original message (its last line)."""
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split("Error: ", 1)[-1] if "Error: " in last else last
+    return " ".join(message.split())
+
+
 def _fail(message: str, code: int) -> None:
-    click.echo(f"wsseg: error: {message}", err=True)
+    click.echo(f"wsseg: error: {_one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -259,6 +268,30 @@ def predict_command(config, images_dir: Path, out: Path, model_name: str | None,
             click.echo(f"wsseg: skipped {name}: {reason}", err=True)
         raise RunFailure(f"{len(failed)} of the images in {images_dir} could not be labelled (listed above); the others are in {out}")
     click.echo(f"labels written to {out}")
+
+
+@cli.command("export")
+@config_options
+@click.option("--format", "fmt", required=True, type=click.Choice(["coco-instances", "coco-panoptic", "voc"]))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: RUN/export/FORMAT.")
+@click.option("--list", "list_key", default="data.label_list", show_default=True, help="Which image list to export.")
+@click.option("--min-score", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Drop instances scoring below this.")
+def export_command(config, fmt: str, out: Path | None, list_key: str, min_score: float) -> None:
+    """Write the synthesized labels for other tools: COCO instances (RLE), COCO panoptic, or a VOC folder."""
+    from wsseg.context import Progress
+    from wsseg.export import export_labels
+    from wsseg.stages import artifacts
+
+    if not list_key.startswith("data.") or not list_key.endswith("_list"):
+        raise UserError(f"--list {list_key}: give a list key such as data.label_list or data.eval_list")
+    dataset = artifacts.open_dataset(config)
+    ids = artifacts.image_ids(config, list_key)
+    out = out or Path(config.run.dir) / "export" / fmt
+    summary = export_labels(Path(config.run.dir), out, fmt, image_ids=ids, class_names=list(config.data.classes),
+                            image_sizes={i: dataset.image_size(i) for i in ids}, min_score=min_score,
+                            list_name=Path(str(config.get(list_key))).stem, image_root=dataset.root / "JPEGImages",
+                            progress=lambda items, desc: Progress(items, None, desc))
+    click.echo(f"exported {summary.get('images', 0)} images as {fmt} to {out}")
 
 
 @cli.command("demo-data")

@@ -82,7 +82,9 @@ class CamSection:
     resize_long: tuple[int, int] = key((320, 640), "random long-side range in pixels before cropping")
     crop: int = key(512, "training crop size in pixels", low=16)
     scales: tuple[float, ...] = key((1.0, 0.5, 1.5, 2.0), "make-cam inference scales (each with its flip)")
-    eval_threshold: float = key(0.15, "background score when evaluating CAMs (IRN: 0.15)", low=0.0, high=1.0)
+    eval_threshold: float = key(0.15, "background score when evaluating CAMs (IRN: 0.15); the reference level of relative mode", low=0.0, high=1.0)
+    threshold_mode: str = key("fixed", "fixed: IRN's constants apply to the CAMs as they are; relative: to CAM^γ, where γ moves the CAMs' "
+                              "Otsu level onto eval_threshold (no ground truth needed; see docs/models/calibration.md)", choices=("fixed", "relative"))
     sweep: tuple[float, ...] = key(tuple(round(0.05 * i, 2) for i in range(1, 13)), "background scores swept when evaluating CAMs")
     recam: bool = key(False, "ReCAM: extra epochs with a softmax loss on class-specific features")
     recam_epochs: int = key(4, "ReCAM epochs after the BCE training", low=1)
@@ -240,6 +242,11 @@ def _coerce(value: Any, tp, where: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -32,6 +32,7 @@ def quality_rows(config: Config) -> list[tuple[str, str, str]]:
             quality = f"classification mAP train {_fmt(m.get('train_map'))}, val {_fmt(m.get('val_map'))}"
         elif stage.NAME == "make-cam":
             quality = (f"CAM mIoU {_fmt(m.get('miou'))} at bg {_fmt(m.get('threshold'), 2)}, "
+                       f"{_fmt(m.get('miou_relative'))} relative (Otsu {_fmt(m.get('otsu_threshold'), 2)}), "
                        f"best {_fmt(m.get('best_miou'))} at bg {_fmt(m.get('best_threshold'), 2)}")
         elif stage.NAME == "mine-relations":
             quality = f"relation precision {_fmt(m.get('precision'))}, coverage {_fmt(m.get('coverage'))}"

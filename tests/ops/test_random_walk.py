@@ -159,3 +159,9 @@ def test_channels_walk_independently_and_linearly():
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same size"):
         random_walk(torch.rand(2, 5, 6), torch.rand(5, 7))
+
+
+def test_no_seeds_give_an_empty_result():
+    """An image with no instance seeds walks nothing and does not crash (ALGORITHMS.md §1.6)."""
+    out = random_walk(torch.zeros(0, 6, 8), torch.rand(6, 8))
+    assert out.shape == (0, 6, 8) and out.dtype == torch.float32

@@ -8,10 +8,16 @@ P ``num_steps`` times to the seeds X = cam · (1 - B).
 
 IRN forms the dense N x N matrix (N ≈ 11,750 for a VOC image: ~0.55 GB per float32
 matrix) and squares it log2(num_steps) = 8 times (~26 TFLOP per image). Applying the
-sparse P 256 times gives the same result in ~0.4 GFLOP and O(N) memory. Among the
-formulations measured on CPU (docs/BENCHMARKS.md, "Random walk"), torch's CSR @ dense
-was the fastest and scales best with the number of seed channels, so that is what
-this module does.
+sparse P (at most 69 entries a row for radius 5) 256 times gives the same result in
+~0.8 GFLOP for two seed channels and O(N) memory. Among the formulations measured on
+CPU (docs/BENCHMARKS.md, "Random walk": torch CSR, scipy CSR, a stencil over the
+2D + 1 shifted maps), torch's CSR @ dense was the fastest and scales best with the
+number of seed channels; it runs unchanged on CUDA.
+
+Threads: each of the 256 products is small (~1 ms), so with more intra-op threads
+than idle cores the OpenMP hand-offs dominate: on a busy 2-core machine the walk of a
+VOC map took seconds with 2 threads and 0.35 s with 1. Run parallel per-image walks
+with one torch thread per worker (or OMP_WAIT_POLICY=PASSIVE).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def _stencil(boundary: Tensor, radius: int, beta: float) -> tuple[list[tuple[int
     # Pad with boundary 1 so every pixel is a source; a neighbour outside the map
     # then has affinity 0 and is absent (IRN pads the same way).
     padded = F.pad(boundary[None], (reach, reach, 0, reach), value=1.0)
+    # clamp: a boundary value above 1 must not turn into a positive even power
     forward = path_affinity(padded, radius)[0].clamp(min=0.0) ** beta  # (D, H, W)
 
     # The pair (i, i + d) also links i + d back to i with the same weight: at pixel
@@ -111,9 +118,10 @@ def random_walk(
     [0, 1] at stride 4. Returns (K, H, W) float32, P^num_steps applied to
     seeds · (1 - boundary), on the device of the inputs.
 
-    The walk runs in float64: on CPU it costs the same time as float32 (the sparse
-    product is bound by index traffic) and keeps the 256 steps exact to ~1e-13,
-    where float32 weights and steps drift by ~1e-4 relative on a VOC-sized map.
+    The walk runs in float64: on CPU it costs about the time of float32 (the sparse
+    product is bound by index traffic: the same for two channels, +25 % for 20) and
+    keeps the 256 steps exact to ~1e-13, where float32 weights and steps drift by
+    ~1e-4 relative on a VOC-sized map.
     """
     if seeds.dim() != 3 or boundary.dim() != 2 or seeds.shape[1:] != boundary.shape:
         raise ValueError(
@@ -123,7 +131,7 @@ def random_walk(
     num_channels, height, width = seeds.shape
     boundary = boundary.to(torch.float64)
     transition = transition_matrix(boundary, radius, beta)
-    state = (seeds.to(torch.float64) * (1.0 - boundary)).reshape(num_channels, -1).t().contiguous()
+    state = (seeds.to(torch.float64) * (1.0 - boundary)).reshape(num_channels, height * width).t().contiguous()
     for _ in range(num_steps):
         state = transition @ state  # (N, N) sparse @ (N, K): all channels in one product
     return state.t().reshape(num_channels, height, width).to(torch.float32)

@@ -98,6 +98,27 @@ def read_cams(path: Path) -> dict[str, np.ndarray] | None:
     return out
 
 
+def npz_looks_whole(path: Path) -> bool:
+    """A quick check (the zip directory at the end of the file reads back): catches truncation."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
+
+
+def png_looks_whole(path: Path) -> bool:
+    """A quick check (PNG chunk structure and CRCs, no decoding): catches truncation and corruption."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for damaged files
+        return False
+
+
 def npz_is_whole(path: Path) -> bool:
     """True if `path` is a readable .npz whose members all decompress (a cheap CRC check)."""
     try:

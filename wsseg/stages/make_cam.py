@@ -13,9 +13,12 @@ import torch
 from wsseg.config import Config
 from wsseg.context import Progress, StageContext
 from wsseg.data.transforms import normalize
+from wsseg.errors import UserError
 from wsseg.metrics import best_background_threshold
+from wsseg.ops.thresholds import otsu_threshold, relative_power, value_histogram
 from wsseg.models.cam import multiscale_cams
-from wsseg.stages.artifacts import cam_path, ids_with_ground_truth, image_ids, npz_is_whole, open_dataset, read_cams, write_cams
+from wsseg.stages.artifacts import (cam_path, ids_with_ground_truth, image_ids, npz_is_whole, npz_looks_whole, open_dataset,
+                                    read_cams, write_cams)
 from wsseg.stages.per_image import for_each_image, skipped_ids
 from wsseg.stages.train_cam import load_network
 from wsseg.store import RunStore
@@ -45,8 +48,18 @@ def run(ctx: StageContext) -> dict:
 
     counts = for_each_image(ctx, ids, lambda i: cam_path(ctx.store, i), npz_is_whole, work, report_folder=folder)
     ctx.dist.barrier()
-    metrics = evaluate(config, ctx.store, ctx.progress) if ctx.dist.is_main else {}
+    metrics = {}
+    if ctx.dist.is_main:
+        metrics["otsu_threshold"] = cam_otsu_level(ids, ctx.store)
+        metrics.update(evaluate(config, ctx.store, ctx.progress, otsu=metrics["otsu_threshold"]))
     return {"metrics": metrics, "items": {"done": len(ids) - len(skipped_ids(folder)), "total": len(ids)}, "counters": counts}
+
+
+def damaged(config: Config, store: RunStore) -> list[str]:
+    """Images whose CAM file is missing or damaged although the stage completed."""
+    skipped = skipped_ids(store.folder("cams"))
+    ids = [i for i in image_ids(config, "data.label_list", "data.eval_list") if i not in skipped]
+    return [i for i in ids if not npz_looks_whole(cam_path(store, i))]
 
 
 def count_done(config: Config, store: RunStore) -> tuple[int, int]:
@@ -54,14 +67,43 @@ def count_done(config: Config, store: RunStore) -> tuple[int, int]:
     return sum(cam_path(store, i).exists() for i in ids), len(ids)
 
 
-def evaluate(config: Config, store: RunStore, progress=None) -> dict:
-    """CAM mIoU on the evaluation list: at cam.eval_threshold and the best of cam.sweep."""
+MAX_OTSU_IMAGES = 2000  # a deterministic sample is plenty for a 256-bin histogram
+
+
+def cam_otsu_level(ids: list[str], store: RunStore) -> float | None:
+    """Otsu's threshold of the per-pixel max CAM over (a sample of) the images: where these CAMs
+    split foreground from background, without ground truth (see wsseg/ops/thresholds.py)."""
+    histogram = np.zeros(256, np.int64)
+    for image_id in ids[:: max(1, len(ids) // MAX_OTSU_IMAGES)]:
+        cams = read_cams(cam_path(store, image_id))
+        if cams is not None and cams["keys"].size:
+            histogram += value_histogram(cams["high_res"].max(axis=0))
+    return round(otsu_threshold(histogram), 4) if histogram.any() else None
+
+
+def cam_power(config: Config, store: RunStore) -> float:
+    """The exponent later stages apply to the CAMs: 1 in fixed mode; γ from make-cam's Otsu level in relative mode."""
+    if config.cam.threshold_mode == "fixed":
+        return 1.0
+    record = store.record("cams") or {}
+    otsu = (record.get("metrics") or {}).get("otsu_threshold")
+    if otsu is None:
+        raise UserError("cam.threshold_mode: relative needs make-cam's Otsu level; rerun make-cam (--force)")
+    return relative_power(min(max(otsu, 1e-3), 1 - 1e-3), config.cam.eval_threshold)
+
+
+def evaluate(config: Config, store: RunStore, progress=None, otsu: float | None = None) -> dict:
+    """CAM mIoU on the evaluation list: at cam.eval_threshold, at the relative-mode threshold
+    (eval_threshold on CAM^γ), and at the best of cam.sweep."""
+    if otsu is None:
+        otsu = ((store.record("cams") or {}).get("metrics") or {}).get("otsu_threshold")
     dataset = open_dataset(config)
     ids = ids_with_ground_truth(dataset, image_ids(config, "data.eval_list"))
     ids = [i for i in ids if cam_path(store, i).exists()]
     if not ids:
         return {"evaluated_images": 0}
-    thresholds = sorted(set(config.cam.sweep) | {config.cam.eval_threshold})
+    relative = round(otsu, 4) if otsu else None  # eval_threshold on CAM^γ = Otsu's level on the CAM
+    thresholds = sorted(set(config.cam.sweep) | {config.cam.eval_threshold} | ({relative} if relative else set()))
 
     def images():
         iterator = progress(ids, desc="make-cam: evaluating") if progress else Progress(ids, None, "", enabled=False)
@@ -79,6 +121,8 @@ def evaluate(config: Config, store: RunStore, progress=None) -> dict:
     return {
         "evaluated_images": len(ids),
         "miou": summary["miou"],
+        "otsu_threshold": otsu,
+        "miou_relative": result["miou"][thresholds.index(relative)] if relative else None,
         "threshold": config.cam.eval_threshold,
         "best_threshold": result["best_threshold"],
         "best_miou": result["best_miou"],

@@ -17,12 +17,13 @@ from wsseg.config import Config
 from wsseg.context import StageContext
 from wsseg.ops.crf import crf_from_labels
 from wsseg.stages import artifacts
+from wsseg.stages.make_cam import cam_power
 from wsseg.stages.per_image import for_each_image, skipped_ids
 from wsseg.store import RunStore
 
 NAME = "mine-relations"
 NEEDS = ("make-cam",)
-SECTIONS = ("data.root", "data.label_list", "data.eval_list", "relations")
+SECTIONS = ("data.root", "data.label_list", "data.eval_list", "cam.threshold_mode", "cam.eval_threshold", "relations")
 VERSION = 1
 OUTPUTS = ("relations",)
 HEADLINE = "precision"
@@ -47,23 +48,24 @@ def crf_labels(image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, backgr
     return class_ids[refined]
 
 
-def relation_labels(image: np.ndarray, cams: dict[str, np.ndarray], config: Config) -> np.ndarray:
-    """The relation map (H, W) uint8: 0 background, 1..C class, 255 unsure."""
-    fg = crf_labels(image, cams["high_res"], cams["keys"], config.relations.conf_fg, config)
-    bg = crf_labels(image, cams["high_res"], cams["keys"], config.relations.conf_bg, config)
+def relation_labels(image: np.ndarray, cams: dict[str, np.ndarray], config: Config, power: float = 1.0) -> np.ndarray:
+    """The relation map (H, W) uint8: 0 background, 1..C class, 255 unsure. `power`: CAM exponent (relative mode)."""
+    high_res = cams["high_res"] ** power
+    fg = crf_labels(image, high_res, cams["keys"], config.relations.conf_fg, config)
+    bg = crf_labels(image, high_res, cams["keys"], config.relations.conf_bg, config)
     relations = fg.copy()
     relations[fg == 0] = UNSURE
     relations[(fg == 0) & (bg == 0)] = 0
     return relations
 
 
-def _mine_one(config: Config, run_dir: str, image_id: str) -> None:
+def _mine_one(config: Config, run_dir: str, power: float, image_id: str) -> None:
     store = RunStore(run_dir)
     cams = artifacts.read_cams(artifacts.cam_path(store, image_id))
     if cams is None:
         raise RuntimeError(f"cams/{image_id}.npz is missing or damaged; rerun make-cam")
     image = artifacts.open_dataset(config).read_image(image_id)
-    artifacts.write_labels(relation_path(store, image_id), relation_labels(image, cams, config))
+    artifacts.write_labels(relation_path(store, image_id), relation_labels(image, cams, config, power))
 
 
 def run(ctx: StageContext) -> dict:
@@ -71,12 +73,21 @@ def run(ctx: StageContext) -> dict:
     ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
     ids = [i for i in ids if i not in skipped_ids(ctx.store.folder("cams"))]
     folder = ctx.folder("relations")
-    work = functools.partial(_mine_one, config, str(ctx.store.root))
+    power = cam_power(config, ctx.store)
+    if power != 1.0:
+        ctx.log.info("mine-relations: relative thresholds: CAM^%.3f", power)
+    work = functools.partial(_mine_one, config, str(ctx.store.root), power)
     counts = for_each_image(ctx, ids, lambda i: relation_path(ctx.store, i), artifacts.png_is_whole, work,
                             report_folder=folder, processes=config.run.workers)
     ctx.dist.barrier()
     metrics = evaluate(config, ctx.store, ctx.progress) if ctx.dist.is_main else {}
     return {"metrics": metrics, "items": {"done": counts["done"], "total": len(ids)}, "counters": counts}
+
+
+def damaged(config: Config, store: RunStore) -> list[str]:
+    skipped = skipped_ids(store.folder("cams")) | skipped_ids(store.folder("relations"))
+    ids = [i for i in artifacts.image_ids(config, "data.label_list", "data.eval_list") if i not in skipped]
+    return [i for i in ids if not artifacts.png_looks_whole(relation_path(store, i))]
 
 
 def count_done(config: Config, store: RunStore) -> tuple[int, int]:

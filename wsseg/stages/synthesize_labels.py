@@ -9,6 +9,7 @@ are cached for `inspect`. Resumes per image; under torchrun each rank takes its 
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,14 @@ from wsseg.ops.instances import centroid_groups, instance_seeds, instances_from_
 from wsseg.ops.panoptic import decode_ids, encode_ids, panoptic_from_instances
 from wsseg.ops.random_walk import random_walk
 from wsseg.stages import artifacts
+from wsseg.stages.make_cam import cam_power
 from wsseg.stages.per_image import for_each_image, skipped_ids
 from wsseg.stages.train_irn import load_network
 from wsseg.store import RunStore, atomic_path, read_json, write_json
 
 NAME = "synthesize-labels"
 NEEDS = ("make-cam", "train-irn")
-SECTIONS = ("data.root", "data.label_list", "data.eval_list", "data.classes", "labels")
+SECTIONS = ("data.root", "data.label_list", "data.eval_list", "data.classes", "cam.threshold_mode", "cam.eval_threshold", "labels")
 VERSION = 1
 OUTPUTS = ("labels", "irn/boundary", "irn/displacement")
 HEADLINE = "semantic_miou"
@@ -69,12 +71,13 @@ def semantic_labels(walked: torch.Tensor, keys: np.ndarray, background: float) -
     return class_ids[scores.argmax(dim=0).cpu().numpy()]
 
 
-def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Config, device: torch.device) -> dict:
-    """All labels of one image; returns arrays ready to write."""
+def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Config, device: torch.device,
+               power: float = 1.0) -> dict:
+    """All labels of one image; returns arrays ready to write. `power`: the relative-mode CAM exponent."""
     height, width = image.shape[:2]
     tensor = torch.from_numpy(normalize(image)).permute(2, 0, 1).to(device)
     boundary, displacement = boundary_inference(model, tensor, pad_to=config.labels.pad_to or None)
-    cam = torch.from_numpy(cams["cam"]).to(device) ** config.labels.cam_power
+    cam = torch.from_numpy(cams["cam"]).to(device) ** (power * config.labels.cam_power)
     if cam.shape[1:] != boundary.shape:
         raise RuntimeError(f"CAM map {tuple(cam.shape[1:])} and boundary map {tuple(boundary.shape)} differ; rerun make-cam")
     keys = cams["keys"]
@@ -102,6 +105,7 @@ def run(ctx: StageContext) -> dict:
     ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
     ids = [i for i in ids if i not in skipped_ids(ctx.store.folder("cams"))]
     model = load_network(config, ctx.store).to(ctx.device)
+    power = cam_power(config, ctx.store)
     for sub in ("semantic", "instance", "panoptic"):
         ctx.folder(f"labels/{sub}")
     ctx.folder("irn/boundary")
@@ -111,7 +115,7 @@ def run(ctx: StageContext) -> dict:
         cams = artifacts.read_cams(artifacts.cam_path(ctx.store, image_id))
         if cams is None:
             raise RuntimeError(f"cams/{image_id}.npz is missing or damaged; rerun make-cam")
-        out = synthesize(model, dataset.read_image(image_id), cams, config, ctx.device)
+        out = synthesize(model, dataset.read_image(image_id), cams, config, ctx.device, power)
         paths = Paths(ctx.store, image_id)
         artifacts.write_labels(paths.boundary, np.round(out["boundary"] * 255).astype(np.uint8))
         with atomic_path(paths.displacement) as tmp:
@@ -148,6 +152,25 @@ def write_panoptic_json(config: Config, store: RunStore, ids: list[str]) -> None
     write_json(store.folder("labels") / "panoptic.json", {"annotations": annotations, "categories": categories})
 
 
+def damaged(config: Config, store: RunStore) -> list[str]:
+    skipped = skipped_ids(store.folder("cams")) | skipped_ids(store.folder("labels"))
+    bad = []
+    for image_id in artifacts.image_ids(config, "data.label_list", "data.eval_list"):
+        if image_id in skipped:
+            continue
+        paths = Paths(store, image_id)
+        whole = (read_json(paths.segments) is not None and artifacts.png_looks_whole(paths.semantic)
+                 and artifacts.png_looks_whole(paths.panoptic) and artifacts.png_looks_whole(paths.boundary)
+                 and artifacts.npz_looks_whole(paths.instance) and artifacts.npz_looks_whole(paths.displacement))
+        if not whole:
+            bad.append(image_id)
+    return bad
+
+
+def is_done(path: Path) -> bool:
+    return read_json(path) is not None
+
+
 def count_done(config: Config, store: RunStore) -> tuple[int, int]:
     ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
     return sum(Paths(store, i).segments.exists() for i in ids), len(ids)
@@ -164,7 +187,7 @@ def read_instances(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     try:
         with np.load(path, allow_pickle=False) as data:
             return data["ids"].astype(np.int64), data["classes"].astype(np.int64), data["scores"].astype(np.float32)
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
 
@@ -258,7 +281,7 @@ def inspect_tiles(view) -> list[np.ndarray]:
         tiles.append(viz.tile("displacement (colour = direction)", viz.displacement_colors(displacement, shape=view.image.shape[:2])))
         tiles.append(viz.tile("displacement arrows", viz.displacement_arrows(view.image, displacement)))
         tiles.append(viz.tile("centroid groups", viz.instance_colors(np.kron(groups + 1, np.ones((4, 4), np.int64))[: view.image.shape[0], : view.image.shape[1]])))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         pass
     semantic = artifacts.read_labels(paths.semantic)
     if semantic is not None:

@@ -24,7 +24,7 @@ from wsseg.training import seed_everything, sgd, train
 NAME = "train-cam"
 NEEDS: tuple[str, ...] = ()
 SECTIONS = ("run.seed", "data.root", "data.classes", "data.train_list", "data.cls_labels", "backbone", "cam",
-            "-cam.scales", "-cam.eval_threshold", "-cam.sweep")
+            "-cam.scales", "-cam.eval_threshold", "-cam.sweep", "-cam.threshold_mode")
 VERSION = 1
 OUTPUTS = ("cam",)
 HEADLINE = "val_map"

@@ -15,10 +15,12 @@ from torch import nn
 
 from wsseg.errors import UserError
 from wsseg.models.segmenters.deeplab import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus
+from wsseg.models.segmenters.dilated_context import DilatedContext
 from wsseg.models.segmenters.encnet import EncNet
 from wsseg.models.segmenters.fcn import FCN8s, FCN16s, FCN32s, FCNDilated
 from wsseg.models.segmenters.mcibi import MCIBI
 from wsseg.models.segmenters.pspnet import PSPNet
+from wsseg.models.segmenters.refinenet import RefineNet
 
 SEGMENTERS: dict[str, type[nn.Module]] = {
     "fcn32s": FCN32s,
@@ -32,6 +34,8 @@ SEGMENTERS: dict[str, type[nn.Module]] = {
     "pspnet": PSPNet,
     "encnet": EncNet,
     "mcibi": MCIBI,
+    "refinenet": RefineNet,
+    "dilated-context": DilatedContext,
 }
 
 

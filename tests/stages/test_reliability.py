@@ -1,0 +1,188 @@
+"""Reliability: kills, damaged files, bad data, NaN losses, untrusted files (docs/RELIABILITY.md lists them)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny import ROOT, TINY, tiny_config
+from wsseg import pipeline
+from wsseg.data.images import read_image
+from wsseg.errors import RunFailure, UserError
+from wsseg.stages import artifacts
+from wsseg.store import RunStore
+
+TRAIN_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from tiny import tiny_config
+from wsseg import pipeline
+import wsseg.stages.train_cam as train_cam
+pipeline.run_stage(train_cam, tiny_config({data!r}, {run!r}, "cam.epochs=4"))
+"""
+
+
+def wsseg(*args):
+    return subprocess.run([sys.executable, "-m", "wsseg.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def cli_overrides(data, run, *extra):
+    return sum((["--set", item] for item in [f"data.root={data}", f"run.dir={run}", *TINY, *extra]), [])
+
+
+def test_killed_training_resumes_from_its_checkpoint_and_ends_identical(tiny_data, tmp_path):
+    """kill -9 train-cam after its first checkpoint; the rerun resumes there and ends with the
+    same weights as an uninterrupted run (sampling depends on seed and epoch only)."""
+    import wsseg.stages.train_cam as train_cam
+
+    reference = tmp_path / "reference"
+    pipeline.run_stage(train_cam, tiny_config(tiny_data, reference, "cam.epochs=4"))
+
+    run = tmp_path / "killed"
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT.format(tests=str(ROOT / "tests" / "stages"), data=str(tiny_data), run=str(run)))
+    process = subprocess.Popen([sys.executable, str(script)])
+    checkpoint = run / "cam" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert checkpoint.exists() and not (run / "cam" / "model.pt").exists()
+    epoch = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= epoch < 4
+
+    pipeline.run_stage(train_cam, tiny_config(tiny_data, run, "cam.epochs=4"))
+    resumed = torch.load(run / "cam" / "model.pt", weights_only=True)["model"]
+    expected = torch.load(reference / "cam" / "model.pt", weights_only=True)["model"]
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+    curve = RunStore(run).record("cam")["curves"]["bce_total"]
+    assert curve == RunStore(reference).record("cam")["curves"]["bce_total"]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    result = wsseg("train-cam", "--config", ROOT / "pipelines" / "demo.yaml",
+                   *cli_overrides(tiny_data, tmp_path / "run", "cam.lr=1e30", "cam.epochs=3"))
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("wsseg: error: train-cam: the loss became") and "last good checkpoint" in line
+    assert not (tmp_path / "run" / "cam" / "model.pt").exists()
+
+
+def test_malicious_checkpoint_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "model.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(UserError, match="cannot load"):
+        artifacts.load_torch(path, "the trained CAM network")
+    from wsseg.models.backbones import ResNet, load_weights
+
+    with pytest.raises(UserError):
+        load_weights(ResNet(18, width=0.25), path)
+    assert not marker.exists()
+
+
+def test_damaged_cam_is_recomputed_when_its_stage_reruns(cam_run, tmp_path):
+    """A truncated .npz (full disk) in a complete stage is detected and recomputed, never read as valid."""
+    import wsseg.stages.make_cam as make_cam
+
+    run = tmp_path / "run"
+    shutil.copytree(cam_run.run.dir, run)
+    config = tiny_config(cam_run.data.root, run)
+    victim = artifacts.image_ids(config, "data.label_list")[1]
+    path = run / "cams" / f"{victim}.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    assert artifacts.read_cams(path) is None  # readers never trust it
+    assert make_cam.damaged(config, RunStore(run)) == [victim]
+    pipeline.run_stage(make_cam, config)  # the complete stage notices and recomputes that one file
+    assert artifacts.read_cams(path) is not None
+
+
+# ---------------------------------------------------------------------------- bad data
+
+def _copy_dataset(tiny_data, tmp_path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    return data
+
+
+def _first_train_id(data: Path) -> str:
+    return (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_bad_image_is_one_line_naming_the_file(tiny_data, tmp_path, damage):
+    data = _copy_dataset(tiny_data, tmp_path)
+    image = data / "JPEGImages" / f"{_first_train_id(data)}.jpg"
+    image.write_bytes(b"" if damage == "empty" else image.read_bytes()[:200])
+    result = wsseg("train-cam", "--config", ROOT / "pipelines" / "demo.yaml", *cli_overrides(data, tmp_path / "run", "cam.epochs=1"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len([l for l in lines if l.startswith("wsseg: error:")]) == 1
+    assert image.name in lines[-1] and ("empty" in lines[-1] or "cannot decode" in lines[-1])
+
+
+def test_skip_mode_leaves_bad_images_out_and_reports_them(cam_run, tiny_data, tmp_path):
+    import wsseg.stages.make_cam as make_cam
+
+    data = _copy_dataset(tiny_data, tmp_path)
+    victim = _first_train_id(data)
+    (data / "JPEGImages" / f"{victim}.jpg").write_bytes(b"")
+    run = tmp_path / "run"
+    shutil.copytree(RunStore(cam_run.run.dir).folder("cam"), run / "cam")
+    config = tiny_config(data, run, "data.on_bad_image=skip")
+    with pytest.raises(UserError):  # the copied record belongs to another dataset root: make it current first
+        pipeline.run_stage(make_cam, config)
+    import wsseg.stages.train_cam as train_cam
+
+    record = RunStore(run).record("cam")
+    record["fingerprint"] = pipeline.fingerprint(train_cam, config)
+    record["inputs"] = pipeline.stage_inputs(train_cam, config)
+    RunStore(run).write_record("cam", record)
+    pipeline.run_stage(make_cam, config)
+    report = (run / "cams" / "skipped.json").read_text()
+    assert victim in report and "empty" in report
+    assert not (run / "cams" / f"{victim}.npz").exists()
+    others = [i for i in artifacts.image_ids(config, "data.label_list") if i != victim]
+    assert all((run / "cams" / f"{i}.npz").exists() for i in others)
+
+
+def test_unknown_tag_missing_image_and_no_tags_are_clear(tiny_data, tmp_path):
+    data = _copy_dataset(tiny_data, tmp_path)
+    first = _first_train_id(data)
+    xml = data / "Annotations" / f"{first}.xml"
+    text = xml.read_text()
+    name = text.split("<name>")[1].split("</name>")[0]
+    xml.write_text(text.replace(f"<name>{name}</name>", "<name>unicorn</name>", 1))
+    result = wsseg("train-cam", "--config", ROOT / "pipelines" / "demo.yaml", *cli_overrides(data, tmp_path / "run", "cam.epochs=1"))
+    assert result.returncode == 2
+    assert "unicorn" in result.stderr and "data.classes" in result.stderr and xml.name in result.stderr
+
+    data2 = _copy_dataset(tiny_data, tmp_path / "b")
+    listing = data2 / "ImageSets" / "Segmentation" / "train.txt"
+    listing.write_text(listing.read_text() + "2026_999999\n")
+    result = wsseg("train-cam", "--config", ROOT / "pipelines" / "demo.yaml", *cli_overrides(data2, tmp_path / "run2", "cam.epochs=1"))
+    assert result.returncode == 2 and "2026_999999" in result.stderr
+
+
+def test_grayscale_cmyk_and_rgba_images_are_converted(tmp_path):
+    rgb = (np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5)
+    for mode in ("L", "CMYK", "RGBA", "P"):
+        path = tmp_path / f"x_{mode}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
+        Image.fromarray(rgb).convert(mode).save(path)
+        image = read_image(path)
+        assert image.shape == (4, 4, 3) and image.dtype == np.uint8
