@@ -94,7 +94,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_mb(device: str, baseline_kb: int) -> float:
+def _peak_mib(device: str, baseline_kb: int) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kb) / 1024
@@ -126,14 +126,14 @@ def worker(args) -> dict:
             out, seconds = _timed(lambda: random_walk(seeds, boundary, radius=RADIUS, beta=BETA), device)
             times.append(seconds)
         record["seconds"] = float(np.median(times))
-        record["peak_mb"] = _peak_mb(device, baseline_kb)
+        record["peak_mib"] = _peak_mib(device, baseline_kb)
         torch.save(out.cpu(), args.out)
 
     elif args.worker == "dense":
         dtype = getattr(torch, args.dtype)
         out, seconds = _timed(lambda: dense_walk(seeds, boundary, dtype), device)
         record["seconds"] = seconds
-        record["peak_mb"] = _peak_mb(device, baseline_kb)
+        record["peak_mib"] = _peak_mib(device, baseline_kb)
         torch.save(out.cpu(), args.out)
 
     elif args.worker == "dense-estimate":
@@ -146,7 +146,7 @@ def worker(args) -> dict:
         record["matmul_seconds"] = matmul
         record["build_seconds"] = build
         # the full run never holds more than two N x N matrices at once, like this one
-        record["peak_mb"] = _peak_mb(device, baseline_kb)
+        record["peak_mib"] = _peak_mib(device, baseline_kb)
 
     elif args.worker == "formulations":
         record["rows"] = formulations(seeds, boundary, device, args.repeats)
@@ -293,12 +293,13 @@ def main() -> None:
         return
 
     threads = args.threads or torch.get_num_threads()
+    wait_policy = os.environ.get("OMP_WAIT_POLICY")  # how idle OpenMP threads wait matters on a busy machine
     load_before = os.getloadavg()[0]
     full_dense_max_n = args.full_dense_max_n or (4000 if args.device == "cpu" else 10**9)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     header = (
         "| map (stride 4) | N | K | dense, IRN f32 (s) | sparse, wsseg (s) | dense / sparse "
-        "| max rel. diff vs dense f32 | vs dense f64 | dense peak (MB) | sparse peak (MB) |\n"
+        "| max rel. diff vs dense f32 | vs dense f64 | dense peak (MiB) | sparse peak (MiB) |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     lines, notes = [header], []
@@ -329,7 +330,7 @@ def main() -> None:
         line = (
             f"| {height}x{width} | {num_pixels:,} | {args.classes} | {dense_time} | {sparse['seconds']:.3g} "
             f"| {'≈ ' if 'matmul_seconds' in dense else ''}{ratio_text} | {diff32} | {diff64} "
-            f"| {dense['peak_mb']:,.0f} | {sparse['peak_mb']:,.1f} |"
+            f"| {dense['peak_mib']:,.0f} | {sparse['peak_mib']:,.1f} |"
         )
         lines.append(line)
         print(line, flush=True)
@@ -355,13 +356,17 @@ def main() -> None:
 
     load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     command = "python benchmarks/random_walk.py" + "".join(f" {a}" for a in sys.argv[1:])
-    heading = f"{args.device.upper()}, {threads} thread{'s' if threads > 1 else ''}"
+    if wait_policy:
+        command = f"OMP_WAIT_POLICY={wait_policy} {command}"
+    thread_text = f"{threads} intra-op thread{'s' if threads > 1 else ''}"
     if args.device == "cuda":
         heading = "CUDA"
+    else:
+        heading = f"CPU, {thread_text}" + (f", OMP_WAIT_POLICY={wait_policy}" if wait_policy else "")
     report = [
         f"### {heading}",
         "",
-        f"- machine: {machine(args.device)}; torch {torch.__version__}, {threads} intra-op threads; "
+        f"- machine: {machine(args.device)}; torch {torch.__version__}, {thread_text}; "
         f"{datetime.date.today().isoformat()}; {load}",
         f"- command: `{command}`",
         f"- radius {RADIUS}, β {BETA:g}, {NUM_STEPS} steps; time of one image's walk (sparse: median of 5, "

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsseg.context import StageContext
 from wsseg.errors import RunFailure, UserError
@@ -42,19 +42,27 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int, pow
 
 
 class _SeededShuffle(Sampler):
-    """A permutation that depends only on (seed, epoch): resume and worker counts don't change it."""
+    """A permutation that depends only on (seed, epoch): resume and worker counts don't change it.
 
-    def __init__(self, size: int, seed: int):
+    Under torchrun, rank r of `world` takes every world-th item of the same permutation (cut
+    to a multiple of world), so each global batch holds exactly the images a single process
+    would have batched together; torch's DistributedSampler draws a different permutation
+    and so trains on other images than the same run in one process.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1):
         self.size, self.seed, self.epoch = size, seed, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        return iter(order[: len(self) * self.world][self.rank :: self.world].tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.world
 
 
 def make_loader(ctx: StageContext, dataset: Dataset, batch_size: int, *, seed: int) -> DataLoader:
@@ -68,10 +76,7 @@ def make_loader(ctx: StageContext, dataset: Dataset, batch_size: int, *, seed: i
             f"{ctx.name}: the training list has {len(dataset)} images, fewer than one batch of {batch_size}; "
             f"lower the batch size or use a longer list"
         )
-    if ctx.dist.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=ctx.dist.rank, shuffle=True, seed=seed, drop_last=True)
-    else:
-        sampler = _SeededShuffle(len(dataset), seed)
+    sampler = _SeededShuffle(len(dataset), seed, rank=ctx.dist.rank, world=world)
     workers = ctx.config.run.workers
     return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=workers,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)

@@ -16,7 +16,7 @@ number of seed channels; it runs unchanged on CUDA.
 
 Threads: each of the 256 products is small (~1 ms), so with more intra-op threads
 than idle cores the OpenMP hand-offs dominate: on a busy 2-core machine the walk of a
-VOC map took seconds with 2 threads and 0.35 s with 1. Run parallel per-image walks
+VOC map took 1.7 s with 2 threads and 0.5 s with 1. Run parallel per-image walks
 with one torch thread per worker (or OMP_WAIT_POLICY=PASSIVE).
 """
 
@@ -119,7 +119,7 @@ def random_walk(
     seeds · (1 - boundary), on the device of the inputs.
 
     The walk runs in float64: on CPU it costs about the time of float32 (the sparse
-    product is bound by index traffic: the same for two channels, +25 % for 20) and
+    product is bound by index traffic: the same for two channels, ~+30 % for 20) and
     keeps the 256 steps exact to ~1e-13, where float32 weights and steps drift by
     ~1e-4 relative on a VOC-sized map.
     """

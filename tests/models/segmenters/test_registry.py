@@ -19,7 +19,8 @@ FAMILY_PAGES = {"fcn32s": "fcn.md", "fcn16s": "fcn.md", "fcn8s": "fcn.md", "fcn-
 
 def test_registry_names():
     assert list(SEGMENTERS) == ["fcn32s", "fcn16s", "fcn8s", "fcn-d8", "deeplab-v1", "deeplab-v2",
-                                "deeplab-v3", "deeplab-v3plus", "pspnet", "encnet", "mcibi"]
+                                "deeplab-v3", "deeplab-v3plus", "pspnet", "encnet", "mcibi", "refinenet",
+                                "dilated-context", "maxdeeplab"]
 
 
 @pytest.mark.parametrize("name", list(SEGMENTERS))

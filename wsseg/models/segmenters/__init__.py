@@ -18,6 +18,7 @@ from wsseg.models.segmenters.deeplab import DeepLabV1, DeepLabV2, DeepLabV3, Dee
 from wsseg.models.segmenters.dilated_context import DilatedContext
 from wsseg.models.segmenters.encnet import EncNet
 from wsseg.models.segmenters.fcn import FCN8s, FCN16s, FCN32s, FCNDilated
+from wsseg.models.segmenters.maxdeeplab import MaXDeepLab
 from wsseg.models.segmenters.mcibi import MCIBI
 from wsseg.models.segmenters.pspnet import PSPNet
 from wsseg.models.segmenters.refinenet import RefineNet
@@ -36,6 +37,7 @@ SEGMENTERS: dict[str, type[nn.Module]] = {
     "mcibi": MCIBI,
     "refinenet": RefineNet,
     "dilated-context": DilatedContext,
+    "maxdeeplab": MaXDeepLab,
 }
 
 

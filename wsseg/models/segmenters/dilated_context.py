@@ -105,7 +105,8 @@ class ContextModule(nn.Module):
     def __init__(self, num_classes: int, variant: str = "large", *, tie_noise: float = TIE_NOISE) -> None:
         super().__init__()
         if variant not in CONTEXT_WIDTHS:
-            raise ValueError(f"context module variant must be one of {', '.join(CONTEXT_WIDTHS)}, got {variant!r}")
+            raise ValueError(f"context module variant must be one of {', '.join(CONTEXT_WIDTHS)}, "
+                             f"got {variant!r}")
         self.variant = variant
         self.convs = nn.ModuleList()
         in_channels = num_classes

@@ -172,7 +172,8 @@ class RefineNet(Segmenter):
         stage_widths = {stage: head_channels(self.backbone, 512 if stage == "layer4" else 256)
                         for stage in ("layer4", "layer3", "layer2", "layer1")}
         self.adapt = nn.ModuleDict({
-            stage: _conv3x3(self.backbone.channels[stage], channels) for stage, channels in stage_widths.items()
+            stage: _conv3x3(self.backbone.channels[stage], channels)
+            for stage, channels in stage_widths.items()
         })
         self.blocks = nn.ModuleList()
         previous: int | None = None
