@@ -155,6 +155,9 @@ class SegmenterSection:
     crf: bool = key(True, "DenseCRF post-processing in evaluation (the model's own CRF parameters)")
     aux: typing.Optional[bool] = key(None, "auxiliary FCN head on layer3: null = the method's own choice (v3, v3+, PSPNet, EncNet, MCIBI: yes)")
     sync_bn: bool = key(False, "SyncBatchNorm across processes under torchrun")
+    num_slots: int = key(128, "MaX-DeepLab: mask slots (the paper: 128; fewer for small data)", low=1)
+    memory_channels: int = key(256, "MaX-DeepLab: width of the memory path", low=8)
+    pixel_dim: int = key(128, "MaX-DeepLab: pixel and mask embedding width", low=4)
 
 
 SECTIONS: dict[str, type] = {

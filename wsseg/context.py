@@ -72,6 +72,16 @@ class Distributed:
         if self.enabled:
             torch.distributed.barrier()
 
+    def total(self, counts: dict[str, int]) -> dict[str, int]:
+        """`counts` summed over all ranks; every rank must call it, with the same keys."""
+        if not self.enabled:
+            return dict(counts)
+        keys = sorted(counts)
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces GPU tensors only
+        summed = torch.tensor([int(counts[k]) for k in keys], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(summed)
+        return dict(zip(keys, summed.tolist()))
+
 
 def init_distributed(device_name: str) -> Distributed:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else single process."""

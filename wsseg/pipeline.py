@@ -213,14 +213,15 @@ def run_stage(stage: ModuleType, config: Config, *, force: bool = False, dist: D
         and record.get("needs", {}) == upstream_tokens
     )
     if up_to_date and not force:
-        bad = stage.damaged(config, store) if hasattr(stage, "damaged") and dist.is_main else []
+        bad = stage.damaged(config, store) if hasattr(stage, "damaged") else []  # every rank: all must agree
         if not bad:
             log.info("%s: up to date, skipped", stage.NAME)
             return record
         # A file of a finished stage is missing or damaged (a full disk, a hand edit): redo just those.
         log.warning("%s: %d output file(s) missing or damaged (e.g. %s); recomputing them", stage.NAME, len(bad), bad[0])
         record["status"] = "running"
-        store.write_record(outputs[0], record)
+        if dist.is_main:
+            store.write_record(outputs[0], record)
 
     resuming = (
         record is not None and record.get("status") == "running" and record.get("fingerprint") == fp

@@ -55,7 +55,7 @@ def for_each_image(ctx: StageContext, ids: list[str], output: Callable[[str], Pa
         report = report_folder / f"skipped{'' if not ctx.dist.enabled else f'.rank{ctx.dist.rank}'}.json"
         previous = read_json(report) or {}
         write_json(report, {**previous, **skipped})
-    return {"done": len(mine) - len(skipped), "skipped": len(skipped)}
+    return ctx.dist.total({"done": len(mine) - len(skipped), "skipped": len(skipped)})  # over all ranks
 
 
 def _attempt(work: Callable[[str], None], image_id: str) -> tuple[str, UserError | None]:

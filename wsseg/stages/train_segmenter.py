@@ -27,6 +27,7 @@ from wsseg.models.backbones import load_weights
 from wsseg.models.segmenters import build_segmenter
 from wsseg.models.segmenters.inference import dense_crf, predict_labels
 from wsseg.stages import artifacts
+from wsseg.stages.panoptic import PseudoPanoptic, TruePanoptic, evaluate_panoptic, is_panoptic, targets_from_codes
 from wsseg.stages.synthesize_labels import Paths as LabelPaths
 from wsseg.store import RunStore, write_json
 from wsseg.training import seed_everything, sgd, train
@@ -68,6 +69,8 @@ class PseudoLabels:
 def build_network(config: Config, *, load_pretrained: bool = True) -> nn.Module:
     segmenter = config.segmenter
     options = {} if segmenter.aux is None else {"aux": segmenter.aux}
+    if segmenter.model == "maxdeeplab":
+        options.update(num_slots=segmenter.num_slots, memory_channels=segmenter.memory_channels, pixel_dim=segmenter.pixel_dim)
     model = build_segmenter(segmenter.model, len(config.data.classes) + 1, depth=segmenter.depth, width=segmenter.width,
                             **options)
     if load_pretrained:
@@ -90,20 +93,22 @@ def train_one(ctx: StageContext, source: str) -> dict:
     config, segmenter = ctx.config, ctx.config.segmenter
     dataset = artifacts.open_dataset(config)
     ids = artifacts.image_ids(config, "data.segmenter_train_list")
+    model = build_network(config)
+    panoptic = is_panoptic(model)
     if source == "gt":
-        ids = [i for i in ids if dataset.has_semantic(i)]
+        ids = [i for i in ids if (dataset.has_instances(i) if panoptic else dataset.has_semantic(i))]
         if not ids:
-            raise UserError("segmenter.labels: gt needs ground-truth masks for data.segmenter_train_list; none were found")
-        reader = dataset.read_semantic
+            raise UserError(f"segmenter.labels: gt needs ground-truth {'instance ' if panoptic else ''}masks for "
+                            f"data.segmenter_train_list; none were found")
+        reader = TruePanoptic(dataset) if panoptic else dataset.read_semantic
     else:
-        reader = PseudoLabels(str(ctx.store.root))
+        reader = PseudoPanoptic(str(ctx.store.root)) if panoptic else PseudoLabels(str(ctx.store.root))
     images = LabelledImages(dataset, ids, reader, SegmentationAugment(scale_range=segmenter.scale_range, crop_size=segmenter.crop),
                             seed=config.run.seed)
     per_process = segmenter.batch_size // ctx.dist.world_size
     if per_process < 2 and not (segmenter.sync_bn and ctx.dist.enabled):
         raise UserError(f"segmenter.batch_size: {segmenter.batch_size} gives {per_process} image per process; BatchNorm "
                         f"needs at least 2 (or segmenter.sync_bn: true under torchrun)")
-    model = build_network(config)
     if hasattr(model, "memory_loss_after_step"):
         # MCIBI: the memory-consistency loss starts after the first epoch, as in the paper
         model.memory_loss_after_step = len(images) // segmenter.batch_size
@@ -118,9 +123,10 @@ def train_one(ctx: StageContext, source: str) -> dict:
     def loss_fn(net, batch):
         outputs = net(batch["image"])
         batch["_outputs"] = outputs
-        return _unwrap(net).loss(outputs, batch["label"])
+        targets = targets_from_codes(batch["label"]) if panoptic else batch["label"]
+        return _unwrap(net).loss(outputs, targets)
 
-    def after_step(net, batch, step, max_steps):
+    def after_step(net, batch, step, max_steps):  # MCIBI's memory update (labels are class maps there)
         module = _unwrap(net)
         if hasattr(module, "after_step"):
             with torch.no_grad():
@@ -170,6 +176,9 @@ def headline(metrics: dict) -> dict:
         out["miou"] = out["miou_gt"]
     if out.get("miou_pseudo") and out.get("miou_gt"):
         out["pseudo_to_gt"] = round(out["miou_pseudo"] / out["miou_gt"], 4)
+    for source in ("pseudo", "gt"):
+        if metrics.get(source, {}).get("pq") is not None:
+            out[f"pq_{source}"] = metrics[source]["pq"]
     return out
 
 
@@ -212,6 +221,8 @@ def evaluate(config: Config, store: RunStore, progress=None, device: torch.devic
                 values["per_class_iou"] = summary["per_class_iou"]
                 values["pixel_accuracy"] = summary["pixel_accuracy"]
                 values["mean_class_accuracy"] = summary["mean_class_accuracy"]
+        if is_panoptic(model):
+            values.update(evaluate_panoptic(model, dataset, ids, device, len(names), names, progress))
         write_json(folder_of(store, config, source) / "metrics.json", values)
         results[source] = values
     return results
