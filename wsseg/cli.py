@@ -300,6 +300,22 @@ def export_command(config, fmt: str, out: Path | None, list_key: str, min_score:
     click.echo(f"exported {summary.get('images', 0)} images as {fmt} to {out}")
 
 
+@cli.command("calibrate")
+@config_options
+@click.option("--images", default=100, show_default=True, type=click.IntRange(min=1), help="Calibration subset size (seeded sample of data.eval_list).")
+@click.option("--metric", type=click.Choice(["semantic", "instance", "both"]), default="both", show_default=True)
+@click.option("--holdout", default=200, show_default=True, type=click.IntRange(min=0), help="Held-out images for the honest number.")
+def calibrate_command(config, images: int, metric: str, holdout: int) -> None:
+    """Search the thresholds on a subset with ground truth (no retraining); write a stackable YAML overlay."""
+    from wsseg.calibrate import calibrate, format_report
+    from wsseg.context import Progress, resolve_device
+
+    report = calibrate(config, images=images, metric=metric, holdout=holdout, device=resolve_device(config.run.device),
+                       progress=lambda items, desc: Progress(items, None, desc))
+    click.echo(format_report(report))
+    click.echo(f"overlay: {report['overlay']}  (use: --config {' --config '.join(config.sources)} --config {report['overlay']})")
+
+
 @cli.command("demo-data")
 @click.option("--out", default="data/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--images", "num_images", default=None, type=click.IntRange(min=4), help="Number of images (train + val).")
