@@ -241,7 +241,7 @@ def run_worker(args, kind: str, size, classes: int, dtype: str = "float32", repe
         if result.returncode != 0:
             raise SystemExit(f"worker {kind} {size} failed:\n{result.stderr}")
         record = json.loads(result.stdout.strip().splitlines()[-1])
-        output = torch.load(out) if out.exists() else None
+        output = torch.load(out, weights_only=True) if out.exists() else None
     return record, output
 
 

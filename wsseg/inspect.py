@@ -40,6 +40,17 @@ class ImageView:
         colors = viz.overlay(self.image, viz.label_colors(labels), 0.6, mask=labels > 0)
         return viz.tile(title, colors, legend=self.legend(labels))
 
+    def segments_tile(self, title: str, segments: np.ndarray, categories: dict[int, int]) -> np.ndarray:
+        """Panoptic segments (H, W) ids, 0 = void: each segment its own colour, legend with class names."""
+        things = np.where(np.isin(segments, [k for k, c in categories.items() if c > 0]), segments, 0)
+        colors = viz.overlay(self.image, viz.instance_colors(things), 0.6, mask=things > 0)
+        legend = []
+        for segment_id, category in sorted(categories.items()):
+            if category > 0 and (segments == segment_id).any():
+                color = tuple(int(v) for v in viz.instance_colors(np.array([[segment_id]]))[0, 0])
+                legend.append((self.names[category - 1], color))
+        return viz.tile(title, colors, legend=legend or None)
+
 
 def cam_tiles(view: ImageView) -> list[np.ndarray]:
     from wsseg.stages.make_cam import cam_label_map
@@ -51,7 +62,11 @@ def cam_tiles(view: ImageView) -> list[np.ndarray]:
     for channel, key in enumerate(cams["keys"]):
         tiles.append(viz.tile(f"CAM {view.names[key]}", viz.cam_overlay(view.image, cams["high_res"][channel])))
     threshold = view.config.cam.eval_threshold
-    tiles.append(view.labels_tile(f"CAM labels (bg {threshold:.2f})", cam_label_map(cams, threshold)))
+    otsu = ((view.store.record("cams") or {}).get("metrics") or {}).get("otsu_threshold")
+    if view.config.cam.threshold_mode == "relative" and otsu:
+        threshold = otsu  # eval_threshold on CAM^γ is the Otsu level on the CAM
+    tiles.append(view.labels_tile(f"CAM labels (bg {threshold:.2f}, {view.config.cam.threshold_mode})",
+                                  cam_label_map(cams, threshold)))
     return tiles
 
 
@@ -70,6 +85,11 @@ def panel_for(view: ImageView) -> np.ndarray:
     tiles = [viz.tile(f"image {view.id}", view.image)]
     if view.ground_truth is not None:
         tiles.append(view.labels_tile("ground truth", view.ground_truth))
+    if view.dataset.has_instances(view.id):
+        from wsseg.stages.panoptic import ground_truth_segments
+
+        segments, categories, _ = ground_truth_segments(view.dataset, view.id)
+        tiles.append(view.segments_tile("ground truth panoptic", segments, categories))
     makers = {**TILES, **extra_tiles()}
     for stage in available_stages():
         maker = makers.get(stage.NAME)

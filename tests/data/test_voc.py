@@ -252,3 +252,26 @@ def test_instances_with_mismatched_sizes_is_an_error(voc_root):
     write_label_png(voc_root / "SegmentationObject/2007_000032.png", np.ones((3, 3), np.uint8))
     with pytest.raises(UserError, match="SegmentationObject.*must match"):
         VOCDataset(voc_root).read_instances("2007_000032")
+
+
+def test_malicious_cls_labels_is_refused_not_executed(tmp_path):
+    import os
+
+    import pytest
+
+    from wsseg.data.voc import load_pickled_npy
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "cls_labels.npy"
+    np.save(path, np.array({"2007_000032": Evil()}, dtype=object), allow_pickle=True)
+    with pytest.raises(Exception, match="refusing"):
+        load_pickled_npy(path)
+    assert not marker.exists()
+    good = tmp_path / "good.npy"
+    np.save(good, {2007000032: np.array([0, 1], np.float32)})
+    assert np.array_equal(load_pickled_npy(good)[2007000032], [0, 1])

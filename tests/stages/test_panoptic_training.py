@@ -40,3 +40,24 @@ def test_maxdeeplab_trains_on_panoptic_labels_and_reports_pq(labels_run):
         curve = record["curves"][source]
         assert set(curve) >= {"pq", "mask_id", "instance", "semantic", "total"}
     assert "pq_pseudo" in record["metrics"] and "pq_gt" in record["metrics"]
+
+
+def test_panoptic_predictions_are_written_and_drawn(labels_run, tmp_path):
+    from wsseg.inspect import inspect
+    from wsseg.stages import artifacts
+    from wsseg.stages.panoptic import read_panoptic
+
+    config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=maxdeeplab", "segmenter.labels=both",
+                         "segmenter.eval_mode=single", "segmenter.num_slots=8", "segmenter.memory_channels=32",
+                         "segmenter.pixel_dim=16", "segmenter.lr=0.001")
+    import wsseg.stages.train_segmenter as train_segmenter
+
+    pipeline.run_stage(train_segmenter, config)  # up to date (skipped) when the test above trained it
+    store = RunStore(config.run.dir)
+    val_id = artifacts.image_ids(config, "data.val_list")[0]
+    predicted = read_panoptic(store.folder("segmenter/maxdeeplab/pseudo/panoptic"), val_id)
+    assert predicted is not None
+    segments, categories = predicted
+    assert set(np.unique(segments).tolist()) - {0} <= set(categories)
+    index = inspect(config, [val_id], tmp_path / "inspect")
+    assert (tmp_path / "inspect" / f"{val_id}.png").exists() and index.exists()

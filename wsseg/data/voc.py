@@ -18,6 +18,7 @@ never parsed as numbers, except to decode the int keys of IRN's cls_labels.npy.
 from __future__ import annotations
 
 import os
+import pickle
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,6 +99,35 @@ def _decode_cls_key(key: object) -> str:
     return str(key)
 
 
+# Globals a pickled dict of numpy arrays needs; anything else in a cls_labels.npy is refused,
+# so a crafted file cannot run code (np.load(allow_pickle=True) would run it).
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
+        return super().find_class(module, name)
+
+
+def load_pickled_npy(path: Path):
+    """The object stored in a .npy holding a pickled object (IRN's cls_labels.npy), numpy types only."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+        if not dtype.hasobject:
+            handle.seek(0)
+            return np.load(handle, allow_pickle=False)
+        array = _NumpyOnlyUnpickler(handle).load()
+    return array.item() if getattr(array, "shape", None) == () else array
+
+
 class VOCDataset:
     """Read images, tags, semantic and instance labels of a VOC-layout dataset.
 
@@ -168,7 +198,7 @@ class VOCDataset:
                 f"data.cls_labels: {path} not found; give IRN's cls_labels.npy or leave the key empty to read Annotations/"
             )
         try:
-            table = np.load(path, allow_pickle=True).item()
+            table = load_pickled_npy(path)  # IRN's cls_labels.npy: a pickled dict, read with numpy types only
         except Exception as error:  # any unpickling/format error is the file's fault
             raise UserError(
                 f"data.cls_labels: cannot read {path} ({error}); it must be a .npy holding a dict id -> (C,) 0/1 vector"

@@ -10,6 +10,7 @@ segments (masks + categories) from the augmented map.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +19,10 @@ from PIL import Image
 from wsseg.data.voc import VOCDataset
 from wsseg.errors import UserError
 from wsseg.metrics import panoptic_quality
-from wsseg.ops.panoptic import decode_ids, panoptic_from_instances
+from wsseg.data.images import write_rgb_png
+from wsseg.ops.panoptic import decode_ids, encode_ids, panoptic_from_instances
 from wsseg.stages.synthesize_labels import Paths as LabelPaths
-from wsseg.store import RunStore
+from wsseg.store import RunStore, atomic_path, write_json
 
 VOID = 255
 SEGMENT_BASE = 256
@@ -89,7 +91,7 @@ class TruePanoptic:
 
 
 def evaluate_panoptic(model, dataset: VOCDataset, ids: list[str], device: torch.device, num_classes: int,
-                      class_names: list[str], progress=None) -> dict:
+                      class_names: list[str], progress=None, out: Path | None = None) -> dict:
     """PQ / SQ / RQ (all, things, stuff) of the model's panoptic predictions on images with instance ground truth."""
     from wsseg.data.transforms import normalize
 
@@ -101,6 +103,8 @@ def evaluate_panoptic(model, dataset: VOCDataset, ids: list[str], device: torch.
         image = torch.from_numpy(normalize(dataset.read_image(image_id))).permute(2, 0, 1)[None].to(device)
         with torch.inference_mode():
             predicted, info = model.predict_panoptic(image)[0]
+        if out is not None:
+            write_panoptic(out, image_id, predicted, info)
         gt_segments, gt_categories, void = ground_truth_segments(dataset, image_id)
         pairs.append((predicted, {s["id"]: s["category_id"] for s in info}, gt_segments, gt_categories, void))
     if not pairs:
@@ -109,6 +113,23 @@ def evaluate_panoptic(model, dataset: VOCDataset, ids: list[str], device: torch.
                               class_names=class_names)
     return {"pq": result["pq"], "sq": result["sq"], "rq": result["rq"], "pq_things": result["things"]["pq"],
             "pq_stuff": result["stuff"]["pq"], "panoptic_images": len(pairs)}
+
+
+def write_panoptic(folder: Path, image_id: str, segments: np.ndarray, info: list[dict]) -> None:
+    """<folder>/<id>.png (COCO RGB ids) and <id>.json (segments_info)."""
+    with atomic_path(folder / f"{image_id}.png") as tmp:
+        write_rgb_png(tmp, encode_ids(segments))
+    write_json(folder / f"{image_id}.json", {"image_id": image_id, "segments_info": info})
+
+
+def read_panoptic(folder: Path, image_id: str) -> tuple[np.ndarray, dict[int, int]] | None:
+    try:
+        with Image.open(folder / f"{image_id}.png") as image:
+            segments = decode_ids(np.asarray(image.convert("RGB")))
+        info = json.loads((folder / f"{image_id}.json").read_text())["segments_info"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return segments, {s["id"]: s["category_id"] for s in info}
 
 
 def is_panoptic(model) -> bool:

@@ -290,5 +290,12 @@ def inspect_tiles(view) -> list[np.ndarray]:
     if instances is not None:
         ids, classes, scores = instances
         tiles.append(viz.tile(f"instance labels ({len(classes)})", viz.overlay(view.image, viz.instance_colors(ids), 0.6, mask=ids > 0)))
+    entry = read_json(paths.segments)
+    if entry is not None:
+        try:
+            segments = decode_ids(_read_rgb(paths.panoptic))
+            tiles.append(view.segments_tile("panoptic label", segments, {s["id"]: s["category_id"] for s in entry["segments_info"]}))
+        except (OSError, ValueError):
+            pass
     return tiles
 

@@ -27,7 +27,8 @@ from wsseg.models.backbones import load_weights
 from wsseg.models.segmenters import build_segmenter
 from wsseg.models.segmenters.inference import dense_crf, predict_labels
 from wsseg.stages import artifacts
-from wsseg.stages.panoptic import PseudoPanoptic, TruePanoptic, evaluate_panoptic, is_panoptic, targets_from_codes
+from wsseg.stages.panoptic import (PseudoPanoptic, TruePanoptic, evaluate_panoptic, is_panoptic, read_panoptic,
+                                   targets_from_codes)
 from wsseg.stages.synthesize_labels import Paths as LabelPaths
 from wsseg.store import RunStore, write_json
 from wsseg.training import seed_everything, sgd, train
@@ -222,7 +223,8 @@ def evaluate(config: Config, store: RunStore, progress=None, device: torch.devic
                 values["pixel_accuracy"] = summary["pixel_accuracy"]
                 values["mean_class_accuracy"] = summary["mean_class_accuracy"]
         if is_panoptic(model):
-            values.update(evaluate_panoptic(model, dataset, ids, device, len(names), names, progress))
+            values.update(evaluate_panoptic(model, dataset, ids, device, len(names), names, progress,
+                                            out=folder_of(store, config, source) / "panoptic"))
         write_json(folder_of(store, config, source) / "metrics.json", values)
         results[source] = values
     return results
@@ -235,4 +237,7 @@ def inspect_tiles(view) -> list[np.ndarray]:
         labels = artifacts.read_labels(path)
         if labels is not None:
             tiles.append(view.labels_tile(f"{view.config.segmenter.model} ({source} labels)", labels))
+        panoptic = read_panoptic(folder_of(view.store, view.config, source) / "panoptic", view.id)
+        if panoptic is not None:
+            tiles.append(view.segments_tile(f"{view.config.segmenter.model} panoptic ({source})", *panoptic))
     return tiles
