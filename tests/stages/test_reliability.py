@@ -186,3 +186,66 @@ def test_grayscale_cmyk_and_rgba_images_are_converted(tmp_path):
         Image.fromarray(rgb).convert(mode).save(path)
         image = read_image(path)
         assert image.shape == (4, 4, 3) and image.dtype == np.uint8
+
+
+KILL_STAGE_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from tiny import tiny_config
+from wsseg import pipeline
+import importlib
+stage = importlib.import_module("wsseg.stages.{module}")
+pipeline.run_stage(stage, tiny_config({data!r}, {run!r}, *{extra!r}), force=True)
+"""
+
+# stage module, the file whose appearance means "killed mid-run", files compared after the resume
+KILL_CASES = {
+    "mine_relations": ("relations/*.png", "relations/*.png"),
+    "train_irn": ("irn/checkpoint.pt", "irn/model.pt"),
+    "synthesize_labels": ("labels/semantic/*.png", "labels/semantic/*.png"),
+    "train_segmenter": ("segmenter/deeplab-v2/pseudo/checkpoint.pt", "segmenter/deeplab-v2/pseudo/model.pt"),
+}
+
+
+@pytest.mark.parametrize("module", list(KILL_CASES))
+def test_every_stage_killed_mid_run_resumes_to_the_uninterrupted_result(labels_run, tmp_path, module):
+    """kill -9 a stage as soon as its first output exists; the rerun resumes and ends with the same files."""
+    import importlib
+
+    stage = importlib.import_module(f"wsseg.stages.{module}")
+    trigger, compared = KILL_CASES[module]
+    extra = ["segmenter.iterations=40", "segmenter.eval_mode=single"] if module == "train_segmenter" else []
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    shutil.copytree(labels_run.run.dir, reference)
+    shutil.copytree(labels_run.run.dir, killed)
+    pipeline.run_stage(stage, tiny_config(labels_run.data.root, reference, *extra), force=True)
+
+    script = tmp_path / "go.py"
+    script.write_text(KILL_STAGE_SCRIPT.format(tests=str(ROOT / "tests" / "stages"), module=module,
+                                               data=str(labels_run.data.root), run=str(killed), extra=extra))
+    before = {p: p.stat().st_mtime_ns for p in killed.glob(trigger)}
+    process = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        fresh = [p for p in killed.glob(trigger) if p.stat().st_mtime_ns != before.get(p)]
+        if fresh:
+            break
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    config = tiny_config(labels_run.data.root, killed, *extra)
+    record = RunStore(killed).record(pipeline.outputs_of(stage, config)[0])
+    assert record is not None and record["status"] == "running"  # it really was interrupted
+    pipeline.run_stage(stage, config)
+    assert RunStore(killed).record(pipeline.outputs_of(stage, config)[0])["status"] == "complete"
+    expected = sorted(p.relative_to(reference) for p in reference.glob(compared))
+    assert expected and sorted(p.relative_to(killed) for p in killed.glob(compared)) == expected
+    for relative in expected:
+        if relative.suffix == ".pt":
+            ours = torch.load(killed / relative, weights_only=True)["model"]
+            theirs = torch.load(reference / relative, weights_only=True)["model"]
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs), relative
+        else:
+            assert (killed / relative).read_bytes() == (reference / relative).read_bytes(), relative
+    assert not list(killed.rglob(".tmp-*"))

@@ -9,6 +9,7 @@ image lists from the config, and building networks from files other stages wrote
 from __future__ import annotations
 
 import io
+import logging
 import zipfile
 from pathlib import Path
 
@@ -47,7 +48,14 @@ def image_ids(config: Config, *keys: str) -> list[str]:
 
 
 def ids_with_ground_truth(dataset: VOCDataset, ids: list[str]) -> list[str]:
-    return [i for i in ids if dataset.has_semantic(i)]
+    """The ids that have a ground-truth mask; says once, in one line, how many do not."""
+    kept = [i for i in ids if dataset.has_semantic(i)]
+    if len(kept) < len(ids):
+        missing = next(i for i in ids if i not in set(kept))
+        logging.getLogger("wsseg").warning(
+            "%d of %d images have no ground-truth mask (e.g. %s.png, looked in %s); they are left out of the evaluation",
+            len(ids) - len(kept), len(ids), missing, ", ".join(dataset.label_dirs))
+    return kept
 
 
 # ---------------------------------------------------------------------------- checkpoints
