@@ -238,13 +238,18 @@ def eval_command(config, which: str) -> None:
 @click.argument("image_ids", nargs=-1)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the panels (default: RUN/inspect).")
 @click.option("--worst", type=click.IntRange(min=1), default=None, help="Pick the K images whose labels disagree most with the ground truth.")
-def inspect_command(config, image_ids: tuple[str, ...], out: Path | None, worst: int | None) -> None:
+@click.option("--compare", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An overlay (e.g. RUN/calibration/calibrated.yaml): add the labels recomputed under it, side by side.")
+def inspect_command(config, image_ids: tuple[str, ...], out: Path | None, worst: int | None, compare: Path | None) -> None:
     """PNG panels of every stage's cached output per image, and an index.html gallery."""
+    from wsseg.config import apply_overlay
     from wsseg.context import Progress
     from wsseg.inspect import inspect
 
     out = out or Path(config.run.dir) / "inspect"
-    index = inspect(config, list(image_ids), out, worst=worst, progress=lambda items, desc: Progress(items, None, desc))
+    other = apply_overlay(config, compare) if compare else None
+    index = inspect(config, list(image_ids), out, worst=worst, progress=lambda items, desc: Progress(items, None, desc),
+                    compare=other)
     click.echo(f"wrote {index}")
 
 

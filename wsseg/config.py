@@ -354,6 +354,29 @@ def load_config(paths: typing.Sequence[str | Path] = (), overrides: typing.Seque
     return config
 
 
+def apply_overlay(config: Config, path: str | Path) -> Config:
+    """`config` with the keys of the YAML file at `path` on top (validated like --config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    merged: dict[str, dict[str, tuple[Any, str]]] = {}
+    _merge(merged, data, str(path))
+    sections = {}
+    for name in SECTIONS:
+        values = dataclasses.asdict(getattr(config, name))
+        for k, (v, origin) in merged.get(name, {}).items():
+            _build_section(name, {k: v}, origin)
+            values[k] = v
+        sections[name] = _build_section(name, values, str(path))
+    stacked = Config(**sections, sources=(*config.sources, str(path)))
+    _check_consistency(stacked)
+    return stacked
+
+
 def _check_consistency(config: Config) -> None:
     cam, irn = config.cam, config.irn
     low, high = cam.resize_long

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from wsseg import viz
 from wsseg.config import Config
@@ -81,7 +82,24 @@ def extra_tiles() -> dict[str, TileMaker]:
     return {stage.NAME: stage.inspect_tiles for stage in available_stages() if hasattr(stage, "inspect_tiles")}
 
 
-def panel_for(view: ImageView) -> np.ndarray:
+def compare_tiles(view: ImageView, other: Config, model) -> list[np.ndarray]:
+    """Labels of this image recomputed under another config (e.g. calibrated thresholds), from the
+    cached CAMs and the trained IRN. Walk-time keys apply exactly; relation thresholds would need
+    train-irn again, so this picture shows only their walk-time part."""
+    from wsseg.stages.make_cam import cam_power
+    from wsseg.stages.synthesize_labels import synthesize
+
+    cams = artifacts.read_cams(artifacts.cam_path(view.store, view.id))
+    if cams is None:
+        return []
+    out = synthesize(model, view.image, cams, other, torch.device("cpu"), cam_power(other, view.store))
+    name = Path(other.sources[-1]).name
+    return [view.labels_tile(f"semantic label ({name})", out["semantic"]),
+            viz.tile(f"instance labels ({name}, {len(out['classes'])})",
+                     viz.overlay(view.image, viz.instance_colors(out["ids"]), 0.6, mask=out["ids"] > 0))]
+
+
+def panel_for(view: ImageView, compare: tuple[Config, object] | None = None) -> np.ndarray:
     tiles = [viz.tile(f"image {view.id}", view.image)]
     if view.ground_truth is not None:
         tiles.append(view.labels_tile("ground truth", view.ground_truth))
@@ -95,6 +113,8 @@ def panel_for(view: ImageView) -> np.ndarray:
         maker = makers.get(stage.NAME)
         if maker is not None:
             tiles.extend(maker(view))
+    if compare is not None:
+        tiles.extend(compare_tiles(view, *compare))
     return viz.panel(tiles, columns=4)
 
 
@@ -128,9 +148,18 @@ def stage_metrics(config: Config, store: RunStore) -> dict[str, dict[str, float 
     return table
 
 
-def inspect(config: Config, image_ids: list[str], out: Path, *, worst: int | None = None, progress=None) -> Path:
-    """Write `<out>/<id>.png` panels and `<out>/index.html`; returns the index path."""
+def inspect(config: Config, image_ids: list[str], out: Path, *, worst: int | None = None, progress=None,
+            compare: Config | None = None) -> Path:
+    """Write `<out>/<id>.png` panels and `<out>/index.html`; returns the index path.
+
+    `compare`: another config (the same run with an overlay such as calibrated.yaml): each
+    panel adds the labels recomputed under it, next to the cached ones."""
     store = RunStore(Path(config.run.dir))
+    comparison = None
+    if compare is not None:
+        from wsseg.stages.train_irn import load_network
+
+        comparison = (compare, load_network(config, store))
     dataset = artifacts.open_dataset(config)
     if not image_ids:
         candidates = artifacts.image_ids(config, "data.eval_list")
@@ -151,7 +180,7 @@ def inspect(config: Config, image_ids: list[str], out: Path, *, worst: int | Non
     for image_id in iterator:
         view = ImageView(config, store, dataset, image_id)
         name = f"{image_id}.png"
-        viz.save_png(out / name, panel_for(view))
+        viz.save_png(out / name, panel_for(view, comparison))
         score = disagreement(view)
         rows.append({"id": image_id, "panel": name, "note": "" if score is None else f"label mIoU vs ground truth {1 - score:.3f}"})
     index = out / "index.html"

@@ -49,3 +49,21 @@ def test_calibrate_reuses_the_networks_and_writes_a_stackable_overlay(labels_run
     assert stacked.relations.conf_fg == chosen["relations"]["conf_fg"]
     assert stacked.labels.sem_background == chosen["labels"]["sem_background"]
     assert (store.folder("calibration") / "report.md").read_text().startswith("# Calibration")
+
+
+def test_inspect_compares_default_and_overlay_labels_side_by_side(labels_run, tmp_path):
+    from PIL import Image
+
+    from wsseg.config import apply_overlay
+    from wsseg.inspect import inspect
+    from wsseg.stages import artifacts
+
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("labels:\n  sem_background: 0.6\n")
+    other = apply_overlay(labels_run, overlay)
+    assert other.labels.sem_background == 0.6 and other.cam == labels_run.cam
+    image_id = artifacts.image_ids(labels_run, "data.label_list")[0]
+    plain = np.asarray(Image.open(inspect(labels_run, [image_id], tmp_path / "a").parent / f"{image_id}.png"))
+    compared = np.asarray(Image.open(inspect(labels_run, [image_id], tmp_path / "b", compare=other).parent / f"{image_id}.png"))
+    # two more tiles (they may fill the empty slots of the last grid row, so compare the pixels)
+    assert compared.shape != plain.shape or not np.array_equal(compared, plain)
