@@ -194,10 +194,15 @@ def calibrate(config: Config, *, images: int = 100, metric: str = "both", holdou
     labels: dict = {}
     if semantic and (best := _best(table["semantic"])):
         labels.update(cam_power=round(config.labels.cam_power * best[0], 4), sem_background=best[1])
-    if instance and (best_ins := _best(table["instance"])):
-        labels["ins_background"] = best_ins[1]
-        if not semantic:
-            labels["cam_power"] = round(config.labels.cam_power * best_ins[0], 4)
+    if instance:
+        # one CAM power serves both label kinds: with semantic chosen, pick the instance
+        # background at that power (the labels are made with it), else the best pair
+        power = best[0] if semantic and labels else None
+        candidates = {k: v for k, v in table["instance"].items() if power is None or k[0] == power}
+        if best_ins := _best(candidates):
+            labels["ins_background"] = best_ins[1]
+            if power is None:
+                labels["cam_power"] = round(config.labels.cam_power * best_ins[0], 4)
     if labels:
         chosen["labels"] = labels
 
