@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP) $(DEMO_DATA)/ImageSets/Segmentation/val.txt
-	$(PY) benchmarks/random_walk.py
+	$(PY) benchmarks/run_all.py
 
 clean-demo:
 	rm -rf runs/demo

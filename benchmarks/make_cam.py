@@ -7,18 +7,26 @@ batch of 2 per scale and resizes their sum once. (IRN's own make_cam already doe
 latter: its dataset stacks [image, flip(image)] per scale and its CAM network sums the
 pair before resizing.) The two give the same CAMs up to float rounding.
 
-    .venv/bin/python benchmarks/make_cam.py                    # demo + VOC-sized images; updates docs/BENCHMARKS.md
-    .venv/bin/python benchmarks/make_cam.py --voc-count 8      # more VOC-sized images (~10 s each per method here)
-    .venv/bin/python benchmarks/make_cam.py --demo-counts 10,40,160 --no-docs
+    .venv/bin/python benchmarks/make_cam.py                     # demo + VOC-sized images; updates docs/BENCHMARKS.md
+    .venv/bin/python benchmarks/make_cam.py --voc-count 8       # more VOC-sized images (~5-10 s each per method here)
+    .venv/bin/python benchmarks/make_cam.py --memory-counts 10,40,160 --voc-memory-counts 1,4 --no-docs
+    .venv/bin/python benchmarks/make_cam.py --per-scale 3       # what limits VOC sizes: the backbone, per scale
 
 Measured on the demo images (data/demo) with the demo's trained CAM network
 (runs/demo/cam/model.pt, copied; random weights when it is absent: speed does not
-depend on the weights) and on VOC-sized random images (500x375, ResNet-50 at width 1,
-IRN's strides, random weights, 2 tags each). Each run is a fresh process: images/s from
-the median time per image (the CAM computation only, not reading the image), peak
-memory above the worker's baseline after building the network (ru_maxrss), for several
-numbers of images to show it does not grow with them. A profile splits one image's
-time into the resizes, the backbone and the rest.
+depend on the weights), on the same images resized to 128x128 (one input shape), and
+on VOC-sized random images (500x375, ResNet-50 at width 1, IRN's strides, random
+weights, 2 tags each).
+
+- Speed: one fresh process per setting runs both methods on every image, back to back
+  in alternating order, so that the load of a shared machine falls on both alike; the
+  CAMs of the two are compared image by image. One more demo image (and VOC-sized with
+  --profile-voc) then goes through both formulations' loops with timers between the
+  parts (resize, backbone, the rest).
+- Per scale (--per-scale, not in the default run: ~1-2 minutes): the VOC-sized backbone
+  on an image and its flip, 2 x batch-1 against one batch of 2, at each scale.
+- Memory: one fresh process per method and number of images; peak = ru_maxrss above
+  the baseline after building the network, to show it does not grow with the images.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -44,6 +51,7 @@ from wsseg.data.transforms import normalize
 from wsseg.data.voc import VOCDataset, read_id_list
 from wsseg.models.backbones import ResNet
 from wsseg.models.cam import CAMNet, multiscale_cams
+from wsseg.stages.artifacts import load_torch
 from wsseg.stages.train_cam import CAM_STRIDES, build_network
 
 SECTION = "Make-cam"
@@ -91,11 +99,18 @@ def naive_cams(model: CAMNet, image: torch.Tensor, keys: torch.Tensor,
     return cam, high_res
 
 
-def wsseg_cams(model, image, keys, scales=SCALES):
+def wsseg_cams(model: CAMNet, image: torch.Tensor, keys: torch.Tensor,
+               scales: Sequence[float] = SCALES) -> tuple[torch.Tensor, torch.Tensor]:
+    """wsseg's make-cam for one image (the function the make-cam stage calls)."""
     return multiscale_cams(model, image, keys, scales)
 
 
 METHODS = {"naive": naive_cams, "wsseg": wsseg_cams}
+LABELS = {
+    "demo": "demo images (90-128 px, ~70 sizes), ResNet-18 w0.25",
+    "demo128": "demo images resized to 128x128, ResNet-18 w0.25",
+    "voc": "VOC-sized 500x375, ResNet-50",
+}
 
 
 # ------------------------------------------------------------------------ inputs
@@ -112,15 +127,20 @@ def voc_image(index: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Inputs:
-    """The network and the images of one setting ('demo' or 'voc'), image by image (nothing is held)."""
+    """The network and the images of one setting, image by image (nothing is held).
+
+    'demo': the demo images (~70 different sizes); 'demo128': the same resized to 128x128;
+    'voc': VOC-sized random images, all 500x375.
+    """
 
     def __init__(self, kind: str, model_path: str | None):
         torch.manual_seed(0)  # the same random weights in every process
-        if kind == "demo":
+        self.fixed_size = (128, 128) if kind == "demo128" else None
+        if kind in ("demo", "demo128"):
             config = load_config([DEMO_CONFIG])
             self.model = build_network(config, load_pretrained=False)
             if model_path:
-                self.model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=False)["model"])
+                self.model.load_state_dict(load_torch(Path(model_path), "the demo CAM network")["model"])
             self.dataset = VOCDataset(REPO / config.data.root, config.data.classes)
             self.ids = read_id_list(self.dataset.root, config.data.train_list)
         else:
@@ -134,188 +154,231 @@ class Inputs:
         else:
             image_id = self.ids[index % len(self.ids)]
             image, keys = self.dataset.read_image(image_id), self.dataset.tags(image_id)
+            if self.fixed_size:  # one input shape for every image: see the memory table
+                image = np.asarray(Image.fromarray(image).resize(self.fixed_size[::-1], Image.BICUBIC))
         return torch.from_numpy(normalize(image)).permute(2, 0, 1).contiguous(), torch.from_numpy(keys)
 
 
 # ----------------------------------------------------------------------- workers
 
 
-def worker_run(args) -> dict:
+def worker_memory(args) -> dict:
+    """One method over `count` images: peak memory above the baseline after building the network."""
     inputs = Inputs(args.images, args.model)
     baseline = max_rss_kb()
     method = METHODS[args.method]
-    times, kept = [], []
     for index in range(args.count):
-        image, keys = inputs(index)
-        start = time.perf_counter()
-        cam, high_res = method(inputs.model, image, keys)
-        times.append(time.perf_counter() - start)
-        if index < args.compare:
-            kept.append((cam, high_res))
-    torch.save(kept, args.out)
-    return {"median_seconds": float(np.median(times)), "total_seconds": float(sum(times)),
-            "peak_mib": peak_mib(baseline), "count": args.count}
+        method(inputs.model, *inputs(index))
+    return {"peak_mib": peak_mib(baseline), "count": args.count}
 
 
-def worker_profile(args) -> dict:
-    """Per-part time of one image for both formulations (the loops above, with timers between the parts)."""
+def worker_speed(args) -> dict:
+    """Both methods on every image, back to back in alternating order, so that the load of a
+    shared machine falls on both alike; then one more image through the profiled loops."""
     inputs = Inputs(args.images, args.model)
+    for method in METHODS.values():  # warm-up: one-time allocations and kernel setup for these shapes
+        method(inputs.model, *inputs(0))
+    times = {name: [] for name in METHODS}
+    differences = {"cam": 0.0, "high_res": 0.0}
+    for index in range(1, args.count + 1):
+        image, keys = inputs(index)
+        outputs = {}
+        for name in (("naive", "wsseg") if index % 2 else ("wsseg", "naive")):
+            start = time.perf_counter()
+            outputs[name] = METHODS[name](inputs.model, image, keys)
+            times[name].append(time.perf_counter() - start)
+        for which, key in enumerate(differences):
+            difference = float((outputs["naive"][which] - outputs["wsseg"][which]).abs().max())
+            differences[key] = max(differences[key], difference)
+    parts = profile(inputs, args.count + 1) if args.profile else None
+    return {"seconds": times, "differences": differences, "parts": parts}
+
+
+def profile(inputs: Inputs, index: int) -> dict:
+    """Per-part time of one image for both formulations (their loops, with timers between the parts)."""
     model = inputs.model
-    parts = {"naive": {}, "wsseg": {}}
+    parts: dict[str, dict[str, float]] = {"naive": {}, "wsseg": {}}
 
     def add(name: str, method: str, start: float) -> float:
         now = time.perf_counter()
         parts[method][name] = parts[method].get(name, 0.0) + now - start
         return now
 
-    for index in range(args.count):
-        image, keys = inputs(index)
-        height, width = image.shape[1:]
-        small = (math.ceil(height / 4), math.ceil(width / 4))
-        padded = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
-        with torch.inference_mode():
-            weight = model.cam_weight()[keys].float()
-            for method in ("naive", "wsseg"):
-                for scale in SCALES:
-                    t = time.perf_counter()
-                    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                    scaled = image[None]
-                    if size != (height, width):
-                        scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False, antialias=True)
-                    t = add("image resize (bicubic)", method, t)
-                    if method == "naive":
-                        outs = []
-                        for x in (scaled, scaled.flip(-1)):
-                            features = model.backbone(x)["layer4"]
-                            t = add("backbone", method, t)
-                            outs.append(F.relu(F.conv2d(features, weight)))
-                            t = add("CAM conv + flip + sum", method, t)
-                        outs[1] = outs[1].flip(-1)
-                        for maps in outs:
-                            F.interpolate(maps, size=small, mode="bilinear", align_corners=False)
-                            F.interpolate(maps, size=padded, mode="bilinear", align_corners=False)
-                        t = add("CAM resizes (bilinear)", method, t)
-                    else:
-                        features = model.backbone(torch.cat([scaled, scaled.flip(-1)]))["layer4"]
+    image, keys = inputs(index)
+    height, width = image.shape[1:]
+    small = (math.ceil(height / 4), math.ceil(width / 4))
+    padded = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
+    with torch.inference_mode():
+        weight = model.cam_weight()[keys].float()
+        for method in ("naive", "wsseg"):
+            for scale in SCALES:
+                t = time.perf_counter()
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                scaled = image[None]
+                if size != (height, width):
+                    scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False, antialias=True)
+                t = add("image resize (bicubic)", method, t)
+                if method == "naive":
+                    outs = []
+                    for x in (scaled, scaled.flip(-1)):
+                        features = model.backbone(x)["layer4"]
                         t = add("backbone", method, t)
-                        maps = F.relu(F.conv2d(features, weight))
-                        summed = (maps[0] + maps[1].flip(-1))[None]
+                        outs.append(F.relu(F.conv2d(features, weight)))
                         t = add("CAM conv + flip + sum", method, t)
-                        F.interpolate(summed, size=small, mode="bilinear", align_corners=False)
-                        F.interpolate(summed, size=padded, mode="bilinear", align_corners=False)
-                        add("CAM resizes (bilinear)", method, t)
-    return {"parts": {m: {k: v / args.count for k, v in p.items()} for m, p in parts.items()}}
+                    outs[1] = outs[1].flip(-1)
+                    for maps in outs:
+                        F.interpolate(maps, size=small, mode="bilinear", align_corners=False)
+                        F.interpolate(maps, size=padded, mode="bilinear", align_corners=False)
+                    add("CAM resizes (bilinear)", method, t)
+                else:
+                    features = model.backbone(torch.cat([scaled, scaled.flip(-1)]))["layer4"]
+                    t = add("backbone", method, t)
+                    maps = F.relu(F.conv2d(features, weight))
+                    summed = (maps[0] + maps[1].flip(-1))[None]
+                    t = add("CAM conv + flip + sum", method, t)
+                    F.interpolate(summed, size=small, mode="bilinear", align_corners=False)
+                    F.interpolate(summed, size=padded, mode="bilinear", align_corners=False)
+                    add("CAM resizes (bilinear)", method, t)
+    return parts
+
+
+def worker_scales(args) -> dict:
+    """Per scale of one image: the backbone on the image and its flip as 2 x batch-1 vs one batch of 2."""
+    inputs = Inputs(args.images, args.model)
+    image, _ = inputs(0)
+    height, width = image.shape[1:]
+    rows = []
+    with torch.inference_mode():
+        for scale in SCALES:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            x = F.interpolate(image[None], size=size, mode="bicubic", align_corners=False, antialias=True)
+            pair = torch.cat([x, x.flip(-1)])
+            inputs.model.backbone(pair), inputs.model.backbone(x)  # warm-up for these shapes
+            single, batched = [], []
+            for _ in range(args.count):
+                start = time.perf_counter()
+                inputs.model.backbone(x)
+                inputs.model.backbone(x.flip(-1))
+                middle = time.perf_counter()
+                inputs.model.backbone(pair)
+                single.append(middle - start)
+                batched.append(time.perf_counter() - middle)
+            rows.append({"scale": scale, "size": size, "single": min(single), "batched": min(batched)})
+    return {"rows": rows}
+
+
+def scales_table(rows: list[dict]) -> str:
+    lines = [[f"{r['scale']:g}", f"{r['size'][1]}x{r['size'][0]}", fmt(r["single"]), fmt(r["batched"]),
+              f"{r['single'] / r['batched']:.2f}x"] for r in rows]
+    single, batched = sum(r["single"] for r in rows), sum(r["batched"] for r in rows)
+    lines.append(["**all**", "", fmt(single), fmt(batched), f"{single / batched:.2f}x"])
+    return table(["scale", "input (WxH)", "2 x batch-1 (s)", "batch of 2 (s)", "batch of 2 speed-up"], lines)
 
 
 # ------------------------------------------------------------------------ driver
 
 
-def run(args, folder: Path, method: str, images: str, count: int, model: str | None) -> tuple[dict, list]:
-    out = folder / f"{method}-{images}-{count}.pt"
-    arguments = ["--worker", "run", "--method", method, "--images", images, "--count", str(count),
-                 "--compare", str(args.compare), "--out", str(out)]
-    if model:
-        arguments += ["--model", model]
-    record = run_worker(__file__, arguments)
-    print(f"  {images} {method} N={count}: {1 / record['median_seconds']:.3g} images/s, "
-          f"peak +{record['peak_mib']:.0f} MiB", flush=True)
-    return record, torch.load(out, weights_only=False)
-
-
-def max_difference(a: list, b: list, which: int) -> float:
-    return max(float((x[which] - y[which]).abs().max()) for x, y in zip(a, b))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-counts", default="10,40", help="numbers of demo images, one run each per method")
-    parser.add_argument("--voc-count", type=int, default=3, help="VOC-sized images per method (0: skip)")
-    parser.add_argument("--voc-counts-memory", default="",
-                        help="extra wsseg runs on this many VOC-sized images for the memory table, e.g. 1,4")
-    parser.add_argument("--compare", type=int, default=5, help="images whose CAMs are compared between the methods")
-    parser.add_argument("--profile-images", default="demo:10,voc:1",
-                        help="profile runs as kind:count ('' to skip)")
+    parser.add_argument("--demo-count", type=int, default=40, help="demo images timed (each setting: demo, demo128)")
+    parser.add_argument("--voc-count", type=int, default=2, help="VOC-sized images timed (0: skip VOC sizes)")
+    parser.add_argument("--memory-counts", default="10,40", help="numbers of demo images for the memory table")
+    parser.add_argument("--voc-memory-counts", default="1", help="numbers of VOC-sized images for the memory table")
+    parser.add_argument("--profile-voc", action="store_true", help="also split a VOC-sized image's time into parts")
+    parser.add_argument("--per-scale", type=int, default=0, metavar="REPEATS",
+                        help="only time the VOC-sized backbone per scale, 2 x batch-1 vs a batch of 2 (min of REPEATS); "
+                             "writes its own subsection")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     # worker mode (internal)
-    parser.add_argument("--worker", choices=["run", "profile"])
+    parser.add_argument("--worker", choices=["speed", "memory", "scales"])
     parser.add_argument("--method", choices=list(METHODS))
-    parser.add_argument("--images", choices=["demo", "voc"])
+    parser.add_argument("--images", choices=list(LABELS))
     parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--profile", action="store_true")
     parser.add_argument("--model")
-    parser.add_argument("--out")
     args = parser.parse_args()
-    if args.worker == "run":
-        emit(worker_run(args))
-        return
-    if args.worker == "profile":
-        emit(worker_profile(args))
+    if args.worker:
+        emit({"speed": worker_speed, "memory": worker_memory, "scales": worker_scales}[args.worker](args))
         return
 
     load_before = load_average()
-    demo_counts = [int(c) for c in args.demo_counts.split(",") if c]
+    if args.per_scale:
+        rows = run_worker(__file__, ["--worker", "scales", "--images", "voc", "--count", str(args.per_scale)])["rows"]
+        result = scales_table(rows)
+        print(result)
+        if not args.no_docs:
+            notes = [f"{LABELS['voc']} (random weights): the backbone alone on one image and its flip at each make-cam "
+                     f"scale, one fresh process, after a warm-up; minimum of {args.per_scale} repeats"]
+            body = "\n".join(header("make_cam.py", load_before, notes)) + "\n\n" + result
+            write_section(SECTION, INTRO, "CPU, VOC-sized backbone per scale", body)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
         model = None
         if DEMO_MODEL.exists():
-            model = str(folder / "model.pt")
+            model = str(Path(tmp) / "model.pt")
             shutil.copy(DEMO_MODEL, model)
-        weights = "trained demo CAM network" if model else "random weights (runs/demo/cam/model.pt absent)"
-        settings = [("demo", count, model) for count in demo_counts]
-        if args.voc_count:
-            settings.append(("voc", args.voc_count, None))
-        speed_rows, memory_rows, results = [], [], {}
-        for images, count, model_path in settings:
-            records, outputs = {}, {}
-            for method in ("naive", "wsseg"):
-                records[method], outputs[method] = run(args, folder, method, images, count, model_path)
-            naive, ours = records["naive"], records["wsseg"]
-            ratio = naive["median_seconds"] / ours["median_seconds"]
-            label = "demo (~128x110, ResNet-18 w0.25)" if images == "demo" else "VOC-sized 500x375 (ResNet-50)"
-            speed_rows.append([label, str(count), fmt(1 / naive["median_seconds"]), fmt(1 / ours["median_seconds"]),
-                               f"{ratio:.2f}x", f"{max_difference(outputs['naive'], outputs['wsseg'], 0):.1e}",
-                               f"{max_difference(outputs['naive'], outputs['wsseg'], 1):.1e}"])
-            for method in ("naive", "wsseg"):
-                memory_rows.append([label, method, str(count), fmt(records[method]["peak_mib"]),
-                                    fmt(1 / records[method]["median_seconds"])])
-            results[f"{images}_{count}"] = {"naive": naive, "wsseg": ours, "ratio": ratio}
-        for count in [int(c) for c in args.voc_counts_memory.split(",") if c]:
-            record, _ = run(args, folder, "wsseg", "voc", count, None)
-            memory_rows.append(["VOC-sized 500x375 (ResNet-50)", "wsseg", str(count), fmt(record["peak_mib"]),
-                                fmt(1 / record["median_seconds"])])
+        weights = "the trained demo CAM network" if model else "random weights (runs/demo/cam/model.pt absent)"
 
-        profile_rows = []
-        for item in [p for p in args.profile_images.split(",") if p]:
-            images, count = item.split(":")
-            arguments = ["--worker", "profile", "--images", images, "--count", count]
-            if images == "demo" and model:
-                arguments += ["--model", model]
-            parts = run_worker(__file__, arguments)["parts"]
-            totals = {m: sum(p.values()) for m, p in parts.items()}
-            results[f"profile_{images}"] = parts
-            for name in parts["naive"]:
-                profile_rows.append([images, name, fmt(parts["naive"][name]), fmt(100 * parts["naive"][name] / totals["naive"], 2),
-                                     fmt(parts["wsseg"][name]), fmt(100 * parts["wsseg"][name] / totals["wsseg"], 2)])
-            profile_rows.append([images, "**total**", fmt(totals["naive"]), "100", fmt(totals["wsseg"]), "100"])
+        def arguments(kind: str) -> list[str]:
+            return ["--images", kind] + (["--model", model] if model and kind != "voc" else [])
+
+        speed_rows, profile_rows, results = [], [], {}
+        settings = [("demo", args.demo_count), ("demo128", args.demo_count)] + ([("voc", args.voc_count)] if args.voc_count else [])
+        for kind, count in settings:
+            profiled = kind == "demo" or (kind == "voc" and args.profile_voc)
+            record = run_worker(__file__, ["--worker", "speed", "--count", str(count), *arguments(kind)]
+                                + (["--profile"] if profiled else []))
+            naive, ours = (np.array(record["seconds"][m]) for m in ("naive", "wsseg"))
+            ratio = float(np.median(naive / ours))
+            results[kind] = {"naive_seconds": float(np.median(naive)), "wsseg_seconds": float(np.median(ours)),
+                             "ratio": ratio, "differences": record["differences"], "parts": record["parts"]}
+            speed_rows.append([LABELS[kind], str(count), fmt(1 / np.median(naive)), fmt(1 / np.median(ours)),
+                               f"{ratio:.2f}x", f"{record['differences']['cam']:.1e}",
+                               f"{record['differences']['high_res']:.1e}"])
+            print(f"  {kind}: naive {1 / np.median(naive):.3g}, wsseg {1 / np.median(ours):.3g} images/s, "
+                  f"ratio {ratio:.2f}", flush=True)
+            if profiled:
+                parts = record["parts"]
+                totals = {m: sum(p.values()) for m, p in parts.items()}
+                for name in parts["naive"]:
+                    profile_rows.append([kind, name, fmt(parts["naive"][name]), f"{100 * parts['naive'][name] / totals['naive']:.1f}",
+                                         fmt(parts["wsseg"][name]), f"{100 * parts['wsseg'][name] / totals['wsseg']:.1f}"])
+                profile_rows.append([kind, "**total**", fmt(totals["naive"]), "100", fmt(totals["wsseg"]), "100"])
+
+        memory_rows = []
+        memory = [(kind, int(n)) for kind in ("demo", "demo128") for n in args.memory_counts.split(",") if n]
+        memory += [("voc", int(n)) for n in args.voc_memory_counts.split(",") if n] if args.voc_count else []
+        for kind, count in memory:
+            for method in METHODS:
+                record = run_worker(__file__, ["--worker", "memory", "--method", method, "--count", str(count),
+                                               *arguments(kind)])
+                results.setdefault("memory", []).append({"images": kind, "method": method, "count": count,
+                                                         "peak_mib": record["peak_mib"]})
+                memory_rows.append([LABELS[kind], method, str(count), fmt(record["peak_mib"])])
 
     speed = table(["images", "N", "naive (images/s)", "wsseg (images/s)", "wsseg / naive", "max abs diff cam",
                    "max abs diff high_res"], speed_rows, "lrrrrrr")
-    memory = table(["images", "method", "N", "peak above baseline (MiB)", "images/s"], memory_rows, "llrrr")
-    profile = table(["images", "part", "naive (s/image)", "naive %", "wsseg (s/image)", "wsseg %"], profile_rows, "llrrrr")
-    print("\n" + speed + "\n\n" + memory + ("\n\n" + profile if profile_rows else ""))
-    save_results("make_cam", {"voc_images_per_second": (1 / results[f"voc_{args.voc_count}"]["wsseg"]["median_seconds"]
-                                                        if args.voc_count else None), "results": results})
+    memory_table = table(["images", "method", "N", "peak above baseline (MiB)"], memory_rows, "llrr")
+    profile_table = table(["images", "part", "naive (s/image)", "naive %", "wsseg (s/image)", "wsseg %"], profile_rows,
+                          "llrrrr")
+    print("\n" + speed + "\n\n" + memory_table + "\n\n" + profile_table)
+    voc_rate = 1 / results["voc"]["wsseg_seconds"] if "voc" in results else None
+    save_results("make_cam", {"voc_images_per_second": voc_rate, "results": results})
     if args.no_docs:
         return
     notes = [
-        f"scales {', '.join(f'{s:g}' for s in SCALES)}, each with its flip; demo network: {weights}; VOC-sized: "
+        f"scales {', '.join(f'{s:g}' for s in SCALES)}, each with its flip; demo images: {weights}; VOC-sized: "
         f"ResNet-50 (strides 1, 2, 2, 1), random weights, {VOC_CLASSES} classes, {VOC_TAGS} tags per image",
-        "images/s = 1 / median time per image (CAM computation only); max abs diff over the first "
-        f"{args.compare} images (CAMs are max-normalised to [0, 1]); peak = ru_maxrss above the worker's "
-        "baseline after building the network",
+        "speed: one process per row runs both methods on every image, back to back in alternating order (the load of "
+        "this shared machine then falls on both alike), after one warm-up image; images/s = 1 / median time per image "
+        "(CAM computation only), wsseg / naive = median over images of the per-image ratio; max abs diff over all "
+        "timed images (CAMs are max-normalised to [0, 1])",
+        "memory: one fresh process per method and N; peak = ru_maxrss above the baseline after building the network",
     ]
-    body = "\n".join(header("make_cam.py", load_before, notes)) + "\n\n" + speed + "\n\n" + memory
-    if profile_rows:
-        body += "\n\nWhere one image's time goes (s per image; the two formulations' loops with timers between the parts):\n\n" + profile
+    body = "\n".join(header("make_cam.py", load_before, notes)) + "\n\n" + speed + "\n\n" + memory_table
+    body += ("\n\nWhere one image's time goes (s per image; one more image through the two formulations' loops with "
+             "timers between the parts):\n\n" + profile_table)
+    body += "\n\nPer scale at VOC sizes: `--per-scale 3`, the subsection below."
     write_section(SECTION, INTRO, "CPU", body)
 
 

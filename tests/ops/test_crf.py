@@ -122,3 +122,12 @@ def test_crf_from_probs_v2_settings_and_zero_probabilities():
     np.testing.assert_allclose(q.sum(axis=0), 1.0, atol=1e-5)
     np.testing.assert_array_equal(q.argmax(axis=0), truth)
     assert q[2].max() < 0.01
+
+
+def test_read_only_images_are_accepted():
+    image = np.zeros((12, 12, 3), np.uint8)
+    image[:, 6:] = 200
+    image.setflags(write=False)  # as np.asarray(PIL image) gives
+    labels = np.zeros((12, 12), np.int64)
+    labels[:, 6:] = 1
+    assert crf_from_labels(image, labels, 2).shape == (12, 12)

@@ -33,7 +33,9 @@ def _rgb_image(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         # Casting a float image in [0, 1] would silently give a black image: refuse.
         raise ValueError(f"image must be uint8 RGB (0..255), got dtype {image.dtype}")
-    return np.ascontiguousarray(image)
+    image = np.ascontiguousarray(image)
+    # pydensecrf takes a writable buffer; a read-only array (np.asarray of a PIL image) needs a copy
+    return image if image.flags.writeable else image.copy()
 
 
 def _mean_field(
