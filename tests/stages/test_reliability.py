@@ -224,11 +224,17 @@ def test_every_stage_killed_mid_run_resumes_to_the_uninterrupted_result(labels_r
     script = tmp_path / "go.py"
     script.write_text(KILL_STAGE_SCRIPT.format(tests=str(ROOT / "tests" / "stages"), module=module,
                                                data=str(labels_run.data.root), run=str(killed), extra=extra))
-    before = {p: p.stat().st_mtime_ns for p in killed.glob(trigger)}
+    def mtime(path):
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:  # the stage's --force clearing removes files while we look
+            return None
+
+    before = {p: mtime(p) for p in killed.glob(trigger)}
     process = subprocess.Popen([sys.executable, str(script)])
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
-        fresh = [p for p in killed.glob(trigger) if p.stat().st_mtime_ns != before.get(p)]
+        fresh = [p for p in killed.glob(trigger) if mtime(p) not in (None, before.get(p))]
         if fresh:
             break
         time.sleep(0.02)
