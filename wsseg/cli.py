@@ -300,7 +300,8 @@ def export_command(config, fmt: str, out: Path | None, list_key: str, min_score:
     out = out or Path(config.run.dir) / "export" / fmt
     summary = export_labels(Path(config.run.dir), out, fmt, image_ids=ids, class_names=list(config.data.classes),
                             image_sizes={i: dataset.image_size(i) for i in ids}, min_score=min_score,
-                            list_name=Path(str(config.get(list_key))).stem, image_root=dataset.root / "JPEGImages",
+                            list_name=Path(str(config.get(list_key))).stem,
+                            image_root=dataset.root / "JPEGImages" if fmt == "voc" else None,
                             progress=lambda items, desc: Progress(items, None, desc))
     click.echo(f"exported {summary.get('images', 0)} images as {fmt} to {out}")
 

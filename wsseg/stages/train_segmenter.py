@@ -168,7 +168,8 @@ def headline(metrics: dict) -> dict:
     out = {}
     for source in ("pseudo", "gt"):
         values = metrics.get(source, {})
-        best = values.get("miou_crf") or values.get("miou_msflip") or values.get("miou_single")
+        modes = [values.get(f"miou_{mode}") for mode in ("single", "msflip", "crf")]
+        best = max((v for v in modes if v is not None), default=None)  # the best evaluation mode
         if best is not None:
             out[f"miou_{source}"] = best
     if "miou_pseudo" in out:
