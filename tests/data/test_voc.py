@@ -268,7 +268,7 @@ def test_malicious_cls_labels_is_refused_not_executed(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "cls_labels.npy"
-    np.save(path, np.array({"2007_000032": Evil()}, dtype=object), allow_pickle=True)
+    np.save(path, np.array({"2007_000032": Evil()}, dtype=object), allow_pickle=True)  # a crafted cls_labels.npy
     with pytest.raises(Exception, match="refusing"):
         load_pickled_npy(path)
     assert not marker.exists()

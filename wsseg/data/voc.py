@@ -100,7 +100,7 @@ def _decode_cls_key(key: object) -> str:
 
 
 # Globals a pickled dict of numpy arrays needs; anything else in a cls_labels.npy is refused,
-# so a crafted file cannot run code (np.load(allow_pickle=True) would run it).
+# so a crafted cls_labels.npy cannot run code (np.load with pickles allowed would run it).
 _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
