@@ -135,7 +135,7 @@ def _with_lock(config, function):
             torch.distributed.destroy_process_group()
 
 
-def _make_stage_command(module_name: str, name: str, help_text: str):
+def _make_stage_command(name: str, help_text: str):
     @cli.command(name=name, help=help_text)
     @config_options
     @click.option("--force", is_flag=True, help="Rerun even if up to date.")
@@ -150,15 +150,15 @@ def _make_stage_command(module_name: str, name: str, help_text: str):
 
 
 _STAGE_HELP = {
-    "train_cam": ("train-cam", "Train the classification network whose CAMs seed everything."),
-    "make_cam": ("make-cam", "Multi-scale + flip CAMs for every image (cams/<id>.npz)."),
-    "mine_relations": ("mine-relations", "Confident foreground/background/unsure maps with DenseCRF."),
-    "train_irn": ("train-irn", "Train IRN's boundary and displacement heads."),
-    "synthesize_labels": ("synthesize-labels", "Random walk + displacement: semantic, instance and panoptic labels."),
-    "train_segmenter": ("train-segmenter", "Train a fully supervised segmenter on the synthesized labels."),
+    "train-cam": "Train the classification network whose CAMs seed everything.",
+    "make-cam": "Multi-scale + flip CAMs for every image (cams/<id>.npz).",
+    "mine-relations": "Confident foreground/background/unsure maps with DenseCRF.",
+    "train-irn": "Train IRN's boundary and displacement heads.",
+    "synthesize-labels": "Random walk + displacement: semantic, instance and panoptic labels.",
+    "train-segmenter": "Train a fully supervised segmenter on the synthesized labels.",
 }
-for _module, (_name, _help) in _STAGE_HELP.items():
-    _make_stage_command(_module, _name, _help)
+for _name, _help in _STAGE_HELP.items():
+    _make_stage_command(_name, _help)
 
 
 @cli.command("run-all")

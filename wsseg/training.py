@@ -9,7 +9,6 @@ stops with a message while keeping the last good checkpoint.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +185,3 @@ def _global_mean(ctx: StageContext, value: float) -> float:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

@@ -2,7 +2,6 @@
 
 import numpy as np
 
-from tiny import tiny_config
 from wsseg.calibrate import split_images, sweep_semantic
 from wsseg.config import load_config
 from wsseg.metrics import ConfusionMatrix

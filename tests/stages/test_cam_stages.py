@@ -11,7 +11,7 @@ from wsseg.stages import artifacts
 from wsseg.stages.make_cam import evaluate
 from wsseg.store import RunStore
 
-from tiny import ROOT, TINY
+from tiny import ROOT
 
 
 def test_train_cam_learns(cam_run):
@@ -59,7 +59,14 @@ torch.set_num_threads(1)  # as in this test session: float results depend on the
 sys.path.insert(0, {tests!r})
 from tiny import tiny_config
 from wsseg import pipeline
+import time
 import wsseg.stages.make_cam as make_cam
+from wsseg.stages import artifacts
+_write = artifacts.write_cams
+def slow_write(*args):  # a wide, load-independent window for the kill
+    time.sleep(0.2)
+    _write(*args)
+make_cam.write_cams = slow_write
 config = tiny_config({data!r}, {run!r})
 pipeline.run_stage(make_cam, config)
 """

@@ -15,7 +15,7 @@ from PIL import Image
 from tiny import ROOT, TINY, tiny_config
 from wsseg import pipeline
 from wsseg.data.images import read_image
-from wsseg.errors import RunFailure, UserError
+from wsseg.errors import UserError
 from wsseg.stages import artifacts
 from wsseg.store import RunStore
 

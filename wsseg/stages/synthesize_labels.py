@@ -167,10 +167,6 @@ def damaged(config: Config, store: RunStore) -> list[str]:
     return bad
 
 
-def is_done(path: Path) -> bool:
-    return read_json(path) is not None
-
-
 def count_done(config: Config, store: RunStore) -> tuple[int, int]:
     ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
     return sum(Paths(store, i).segments.exists() for i in ids), len(ids)

@@ -17,6 +17,7 @@ from wsseg.models.segmenters.common import (
 )
 from wsseg.models.segmenters.deeplab import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus
 from wsseg.ops.crf import DEEPLAB_V2_RESNET101_CRF, crf_from_probs
+from segmenter_batches import train_losses
 
 NUM_CLASSES = 5
 
@@ -24,33 +25,6 @@ NUM_CLASSES = 5
 def tiny(cls, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     return cls(NUM_CLASSES, depth=18, width=0.25, **kwargs)
-
-
-def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Two noise images with blocky labels (and an ignored band) a net can memorise."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 64, 64, generator=generator)
-    labels = torch.zeros(2, 64, 64, dtype=torch.long)
-    labels[0, :32, :32] = 1
-    labels[0, 32:, :] = 2
-    labels[1, :, 32:] = 3
-    labels[1, 40:, :20] = 4
-    labels[1, :8, :] = 255
-    return images, labels
-
-
-def train_losses(model, lr: float, steps: int = 10) -> list[float]:
-    images, labels = fixed_batch()
-    backbone, heads = model.param_groups()
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 10 * lr}], lr=lr, momentum=0.9)
-    losses = []
-    for _ in range(steps):
-        terms = model.loss(model(images), labels)
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-        losses.append(terms["total"].item())
-    return losses
 
 
 # lr per model, measured: v1's BN-free head needs a larger one, v2's summed ASPP-L

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from wsseg.models.segmenters.dilated_context import ContextModule, DilatedContext, identity_init_
+from segmenter_batches import fixed_batch
 
 NUM_CLASSES = 5
 
@@ -15,19 +16,6 @@ NUM_CLASSES = 5
 def tiny(seed: int = 0, **kwargs) -> DilatedContext:
     torch.manual_seed(seed)
     return DilatedContext(NUM_CLASSES, depth=18, width=0.25, **kwargs)
-
-
-def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Two noise images with blocky labels (and an ignored band) a net can memorise."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 64, 64, generator=generator)
-    labels = torch.zeros(2, 64, 64, dtype=torch.long)
-    labels[0, :32, :32] = 1
-    labels[0, 32:, :] = 2
-    labels[1, :, 32:] = 3
-    labels[1, 40:, :20] = 4
-    labels[1, :8, :] = 255
-    return images, labels
 
 
 @pytest.mark.parametrize("variant", ["large", "basic"])

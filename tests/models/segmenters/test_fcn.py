@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from wsseg.models.segmenters.fcn import FCN8s, FCN16s, FCN32s, FCNDilated, bilinear_kernel
+from segmenter_batches import fixed_batch, train_losses
 
 NUM_CLASSES = 5
 
@@ -14,33 +15,6 @@ NUM_CLASSES = 5
 def tiny(cls, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     return cls(NUM_CLASSES, depth=18, width=0.25, **kwargs)
-
-
-def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Two noise images with blocky labels (and an ignored band) a net can memorise."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 64, 64, generator=generator)
-    labels = torch.zeros(2, 64, 64, dtype=torch.long)
-    labels[0, :32, :32] = 1
-    labels[0, 32:, :] = 2
-    labels[1, :, 32:] = 3
-    labels[1, 40:, :20] = 4
-    labels[1, :8, :] = 255
-    return images, labels
-
-
-def train_losses(model, lr: float, steps: int = 10) -> list[float]:
-    images, labels = fixed_batch()
-    backbone, heads = model.param_groups()
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 10 * lr}], lr=lr, momentum=0.9)
-    losses = []
-    for _ in range(steps):
-        terms = model.loss(model(images), labels)
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-        losses.append(terms["total"].item())
-    return losses
 
 
 @pytest.mark.parametrize("cls", [FCN32s, FCN16s, FCN8s, FCNDilated])

@@ -13,6 +13,7 @@ from wsseg.models.segmenters.refinenet import (
     RefineNet,
     ResidualConvUnit,
 )
+from segmenter_batches import fixed_batch
 
 NUM_CLASSES = 5
 
@@ -20,19 +21,6 @@ NUM_CLASSES = 5
 def tiny(seed: int = 0, **kwargs) -> RefineNet:
     torch.manual_seed(seed)
     return RefineNet(NUM_CLASSES, depth=18, width=0.25, **kwargs)
-
-
-def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Two noise images with blocky labels (and an ignored band) a net can memorise."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 64, 64, generator=generator)
-    labels = torch.zeros(2, 64, 64, dtype=torch.long)
-    labels[0, :32, :32] = 1
-    labels[0, 32:, :] = 2
-    labels[1, :, 32:] = 3
-    labels[1, 40:, :20] = 4
-    labels[1, :8, :] = 255
-    return images, labels
 
 
 def assert_param_groups_cover(model) -> None:
