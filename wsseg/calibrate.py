@@ -35,7 +35,7 @@ from wsseg.ops.instances import centroid_groups, instance_seeds, instances_from_
 from wsseg.stages import artifacts
 from wsseg.stages.make_cam import cam_power
 from wsseg.stages.mine_relations import crf_labels
-from wsseg.stages.synthesize_labels import _ground_truth_instances, walk_to_full_size
+from wsseg.stages.synthesize_labels import _ground_truth_instances, walk_scores
 from wsseg.store import RunStore, atomic_path, write_json
 
 POWERS = (1.0, 1.25, 1.5, 2.0)  # multiplied with the relative-mode power when that mode is on
@@ -59,17 +59,19 @@ def split_images(ids: list[str], count: int, seed: int) -> tuple[list[str], list
     return [i for k, i in enumerate(ids) if k in chosen], [i for k, i in enumerate(ids) if k not in chosen]
 
 
-def sweep_semantic(walked: np.ndarray, keys: np.ndarray, truth: np.ndarray, backgrounds, matrices: list[ConfusionMatrix]) -> None:
-    """Add one image to a confusion matrix per background value. walked (K, H, W) >= 0, any scale."""
-    if walked.shape[0] == 0:
+def sweep_semantic(scores: np.ndarray, unit: np.ndarray | float, keys: np.ndarray, truth: np.ndarray, backgrounds,
+                   matrices: list[ConfusionMatrix]) -> None:
+    """Add one image to a confusion matrix per background value: (scores, unit) as
+    `synthesize_labels.walk_scores` returns them, a pixel is background where its best score
+    is not above background x unit (the argmax's tie rule)."""
+    if scores.shape[0] == 0:
         for matrix in matrices:
             matrix.update(np.zeros_like(truth), truth)
         return
-    scores = walked / max(float(walked.max()), 1e-5)
     best, arg = scores.max(axis=0), scores.argmax(axis=0)
     classes = keys[arg] + 1
     for background, matrix in zip(backgrounds, matrices):
-        matrix.update(np.where(best > background, classes, 0), truth)
+        matrix.update(np.where(best > background * unit, classes, 0), truth)
 
 
 @dataclass
@@ -127,19 +129,26 @@ def measure(config: Config, store: RunStore, ids: list[str], grid: Grid, *, sema
         for power in grid.powers:
             cam = torch.from_numpy(cams["cam"]).to(device) ** (base_power * power * config.labels.cam_power)
             if semantic:
-                walked = walk_to_full_size(cam, boundary, size, config).cpu().numpy()
+                planes, unit = walk_scores(cam, boundary, size, config)
                 matrices = [acc.semantic.setdefault((power, b), ConfusionMatrix(len(config.data.classes) + 1))
                             for b in grid.backgrounds]
-                sweep_semantic(walked, keys, truth, grid.backgrounds, matrices)
+                sweep_semantic(planes.cpu().numpy(), _numpy(unit), keys, truth, grid.backgrounds, matrices)
             if instance and dataset.has_instances(image_id):
                 seeds, seed_classes, _ = instance_seeds(cam.cpu().numpy(), keys, groups)
-                walked = (walk_to_full_size(torch.from_numpy(seeds).to(device), boundary, size, config).cpu().numpy()
-                          if seeds.shape[0] else np.zeros((0, *size), np.float32))
+                if seeds.shape[0]:
+                    planes, unit = walk_scores(torch.from_numpy(seeds).to(device), boundary, size, config)
+                    planes, unit = planes.cpu().numpy(), _numpy(unit)
+                else:
+                    planes, unit = np.zeros((0, *size), np.float32), 1.0
                 for b in grid.backgrounds:
-                    prediction = instances_from_walk(walked, seed_classes, background=b,
+                    prediction = instances_from_walk(planes, seed_classes, background=b * unit, normalise=False,
                                                      min_area_fraction=config.labels.min_instance_area)
                     acc.instances.setdefault((power, b), []).append(prediction)
     return acc
+
+
+def _numpy(unit: torch.Tensor | float) -> np.ndarray | float:
+    return unit.cpu().numpy() if isinstance(unit, torch.Tensor) else unit
 
 
 def f_half(precision: float, coverage: float) -> float:

@@ -128,6 +128,8 @@ class LabelsSection:
     cam_power: float = key(1.0, "CAM exponent before the walk (AdvCAM etc. use 1.3-1.5)", positive=True)
     sem_background: float = key(0.25, "background score for semantic labels after the walk (IRN: 0.25)", low=0.0, high=1.0)
     ins_background: float = key(0.25, "background score for instance labels after the walk", low=0.0, high=1.0)
+    walk_background: bool = key(False, "compare each walked CAM with the background level walked the same way (a local "
+                                       "average), instead of dividing the walked CAMs by their max (IRN)")
     displacement_steps: int = key(300, "steps following the displacement field to its centroid", low=1)
     centroid_threshold: float = key(2.5, "|displacement| below this (stride-4 px) is a centroid region", positive=True)
     min_instance_area: float = key(0.01, "instances under this fraction of the image get score 0", low=0.0, high=1.0)

@@ -1,6 +1,7 @@
 """wsseg calibrate: the search finds a planted optimum, held-out images are disjoint, nothing is retrained."""
 
 import numpy as np
+import pytest
 
 from wsseg.calibrate import split_images, sweep_semantic
 from wsseg.config import load_config
@@ -8,16 +9,17 @@ from wsseg.metrics import ConfusionMatrix
 from wsseg.store import RunStore
 
 
-def test_semantic_sweep_finds_a_planted_background():
+@pytest.mark.parametrize("per_pixel_unit", [False, True], ids=["irn", "walked-background"])
+def test_semantic_sweep_finds_a_planted_background(per_pixel_unit):
     """Ground truth made with background 0.4 from the same scores: the sweep's best is exactly 0.4."""
     rng = np.random.default_rng(0)
-    walked = rng.random((2, 30, 40)).astype(np.float32)
+    scores = rng.random((2, 30, 40)).astype(np.float32)
+    unit = (0.5 + rng.random((30, 40))).astype(np.float32) if per_pixel_unit else 1.0
     keys = np.array([1, 3])
-    scores = walked / walked.max()
-    truth = np.where(scores.max(0) > 0.4, keys[scores.argmax(0)] + 1, 0)
+    truth = np.where(scores.max(0) > 0.4 * unit, keys[scores.argmax(0)] + 1, 0)
     backgrounds = (0.2, 0.3, 0.4, 0.5, 0.6)
     matrices = [ConfusionMatrix(5) for _ in backgrounds]
-    sweep_semantic(walked, keys, truth, backgrounds, matrices)
+    sweep_semantic(scores, unit, keys, truth, backgrounds, matrices)
     mious = [m.summary()["miou"] for m in matrices]
     assert backgrounds[int(np.argmax(mious))] == 0.4 and mious[2] == 1.0
 

@@ -144,17 +144,19 @@ def instances_from_walk(
     walked: np.ndarray | torch.Tensor,
     seed_classes: np.ndarray | torch.Tensor,
     *,
-    background: float = 0.25,
+    background: float | np.ndarray = 0.25,
     min_area_fraction: float = 0.01,
+    normalise: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Turn walked seed maps into instance masks with classes and scores.
 
     walked: (S, H, W) float, the walked seeds at full image resolution (upsampled and
     cropped). seed_classes: (S,) int, 0-based class id of every seed.
-    All planes are divided by their global max over seeds and pixels, a constant
-    background plane `background` (IRN: 0.25) is prepended, and each pixel takes the
-    argmax. Each seed's mask is split into 4-connected components; each component is
-    one instance scored by the max normalised walked score inside it. Components
+    All planes are divided by their global max over seeds and pixels (unless `normalise`
+    is False: the caller has put them on the background's scale), a background plane
+    (`background`: a constant, IRN 0.25, or an (H, W) array) is prepended, and each pixel
+    takes the argmax. Each seed's mask is split into 4-connected components; each component is
+    one instance scored by the max (normalised) walked score inside it. Components
     smaller than min_area_fraction x H x W pixels (IRN: 1 %) are kept with score 0.
     Returns ids (H, W) uint16 (0 = no instance, instance i has id i + 1), classes (M,)
     int64 1-based class ids and scores (M,) float32; instances are ordered by seed,
@@ -171,10 +173,10 @@ def instances_from_walk(
     if peak <= 0:
         return no_instances  # nothing to normalise by, nothing can beat the background
 
-    planes = planes / peak
-    with_background = np.concatenate(
-        [np.full((1, height, width), background, dtype=np.float32), planes]
-    )
+    if normalise:
+        planes = planes / peak
+    background_plane = np.broadcast_to(np.asarray(background, dtype=np.float32), (height, width))
+    with_background = np.concatenate([background_plane[None], planes])
     winner = np.argmax(with_background, axis=0)  # 0 = background, s + 1 = seed s
     min_area = min_area_fraction * height * width
 

@@ -61,12 +61,32 @@ def walk_to_full_size(seeds: torch.Tensor, boundary: torch.Tensor, size: tuple[i
     return upsampled[:, : size[0], : size[1]]
 
 
-def semantic_labels(walked: torch.Tensor, keys: np.ndarray, background: float) -> np.ndarray:
-    """Walked CAMs (K, H, W) -> class ids (H, W) uint8: divide by the global max, background plane, argmax."""
-    if walked.shape[0] == 0:
-        return np.zeros(walked.shape[1:], np.uint8)
-    scores = walked / walked.max().clamp_min(1e-5)
-    scores = torch.cat([torch.full_like(scores[:1], background), scores])
+def walk_scores(seeds: torch.Tensor, boundary: torch.Tensor, size: tuple[int, int],
+                config: Config) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Walk the seeds (S, h, w); return (scores (S, H, W), unit): a pixel is background where
+    every score is below `background level x unit`.
+
+    IRN (labels.walk_background false): scores = walked / max walked over seeds and pixels,
+    unit = 1: the level is a share of the image's strongest walked region.
+    labels.walk_background: a plane of ones walks with the seeds; scores = the walked seeds,
+    unit = the walked ones. Both are multiplied by (1 - B) and spread by the same transitions,
+    so the comparison is a boundary-weighted local average of the CAM against the level, in
+    CAM units: a region where the CAM is diffuse and weak stays background even when no
+    stronger region in the image sets the scale.
+    """
+    if not config.labels.walk_background:
+        walked = walk_to_full_size(seeds, boundary, size, config)
+        return (walked / walked.max().clamp_min(1e-5) if walked.shape[0] else walked), 1.0
+    walked = walk_to_full_size(torch.cat([torch.ones_like(boundary)[None], seeds]), boundary, size, config)
+    return walked[1:], walked[0]
+
+
+def semantic_labels(scores: torch.Tensor, keys: np.ndarray, background: torch.Tensor | float) -> np.ndarray:
+    """Scores (K, H, W) -> class ids (H, W) uint8: background (a level, or a (H, W) plane) prepended, argmax."""
+    if scores.shape[0] == 0:
+        return np.zeros(scores.shape[1:], np.uint8)
+    plane = torch.as_tensor(background, dtype=scores.dtype, device=scores.device).expand_as(scores[0])
+    scores = torch.cat([plane[None], scores])
     class_ids = np.concatenate([[0], keys + 1]).astype(np.uint8)
     return class_ids[scores.argmax(dim=0).cpu().numpy()]
 
@@ -81,22 +101,30 @@ def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Co
     if cam.shape[1:] != boundary.shape:
         raise RuntimeError(f"CAM map {tuple(cam.shape[1:])} and boundary map {tuple(boundary.shape)} differ; rerun make-cam")
     keys = cams["keys"]
-    semantic = semantic_labels(walk_to_full_size(cam, boundary, (height, width), config), keys, config.labels.sem_background)
+    size = (height, width)
+    scores, unit = walk_scores(cam, boundary, size, config)
+    semantic = semantic_labels(scores, keys, config.labels.sem_background * unit)
 
     displacement_np = displacement.float().cpu().numpy()
     groups = centroid_groups(displacement_np, num_steps=config.labels.displacement_steps,
                              centroid_threshold=config.labels.centroid_threshold)
     seeds, seed_classes, _ = instance_seeds(cam.cpu().numpy(), keys, groups)
-    if seeds.shape[0]:
-        walked = walk_to_full_size(torch.from_numpy(seeds).to(device), boundary, (height, width), config).cpu().numpy()
-    else:
-        walked = np.zeros((0, height, width), np.float32)
-    ids, classes, scores = instances_from_walk(walked, seed_classes, background=config.labels.ins_background,
-                                               min_area_fraction=config.labels.min_instance_area)
+    ids, classes, scores = instances(seeds, seed_classes, boundary, size, config, config.labels.ins_background)
     segments, segments_info = panoptic_from_instances(ids, classes)
     return {"semantic": semantic, "ids": ids, "classes": classes, "scores": scores, "segments": segments,
             "segments_info": segments_info, "boundary": boundary.cpu().numpy(), "displacement": displacement_np,
             "groups": groups}
+
+
+def instances(seeds: np.ndarray, seed_classes: np.ndarray, boundary: torch.Tensor, size: tuple[int, int],
+              config: Config, background: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Instance ids, classes and scores from the (class, group) seeds walked along the boundary."""
+    if not seeds.shape[0]:
+        return instances_from_walk(np.zeros((0, *size), np.float32), seed_classes)
+    scores, unit = walk_scores(torch.from_numpy(seeds).to(boundary.device), boundary, size, config)
+    plane = background * (unit.cpu().numpy() if isinstance(unit, torch.Tensor) else unit)
+    return instances_from_walk(scores.cpu().numpy(), seed_classes, background=plane, normalise=False,
+                               min_area_fraction=config.labels.min_instance_area)
 
 
 def run(ctx: StageContext) -> dict:
