@@ -120,7 +120,10 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
     trained: nn.Module = model
     if ctx.dist.enabled:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # A model whose forward leaves parameters without a gradient in some steps says so
+        # (dilated-context's front-end stage); DDP must then look for them.
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=getattr(model, "find_unused_parameters", False))
     amp_dtype = ctx.amp_dtype
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     began = time.monotonic()

@@ -127,7 +127,8 @@ def train_one(ctx: StageContext, source: str) -> dict:
         targets = targets_from_codes(batch["label"]) if panoptic else batch["label"]
         return _unwrap(net).loss(outputs, targets)
 
-    def after_step(net, batch, step, max_steps):  # MCIBI's memory update (labels are class maps there)
+    # Models' per-step hooks: MCIBI's memory update (labels are class maps there), dilated-context's stage switch.
+    def after_step(net, batch, step, max_steps):
         module = _unwrap(net)
         if hasattr(module, "after_step"):
             with torch.no_grad():

@@ -1,5 +1,6 @@
 """Yu & Koltun's dilated front end and context module: layout, identity initialisation
-(basic and large), ties broken in the large module, the contract."""
+(basic and large), ties broken in the large module, the stage-wise schedule (front end
+alone, then the module joins) and why joint training from random init fails, the contract."""
 
 from __future__ import annotations
 
@@ -24,16 +25,19 @@ def test_contract(variant):
     images, labels = fixed_batch()
     backbone, heads = model.param_groups()
     # The context module has no BatchNorm: at lr 0.01 (heads 0.1) the loss spiked and stalled
-    # at ~0.95 of the start here; 0.003 trains.
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 0.03}], lr=0.003, momentum=0.9)
+    # at ~0.95 of the start here; at 0.003 the large module spiked once after joining; 0.002 trains.
+    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 0.02}], lr=0.002, momentum=0.9)
     losses = []
-    for _ in range(10):
-        terms = model.loss(model(images), labels)
+    for step in range(12):  # as train-segmenter: after_step after each step (the module joins after 6)
+        outputs = model(images)
+        terms = model.loss(outputs, labels)
         optimizer.zero_grad()
         terms["total"].backward()
         optimizer.step()
+        model.after_step(outputs, labels, step, 12)
         losses.append(terms["total"].item())
-    assert losses[-1] < 0.6 * losses[0], losses  # measured: ends at ~0.33 of the start
+    assert model.context_joined
+    assert losses[-1] < 0.5 * losses[0], losses  # measured: ends at ~0.2-0.24 of the start
     assert set(terms) == {"main", "total"}  # no aux head by default
 
     model.eval()
@@ -132,8 +136,9 @@ def test_large_module_breaks_ties_between_copies():
 
 
 @pytest.mark.parametrize("variant", ["large", "basic"])
-def test_model_at_init_predicts_the_front_end_truncated_at_zero(variant):
+def test_module_joins_as_the_front_end_truncated_at_zero(variant):
     model = tiny(variant=variant).eval()
+    model.join_context()
     x = torch.randn(2, 3, 65, 49)
     with torch.no_grad():
         scores = model.front_end(model.backbone(x))
@@ -162,6 +167,9 @@ def test_options_and_errors():
         tiny(output_stride=32)
     with pytest.raises(ValueError, match="variant"):
         tiny(variant="huge")
+    for fraction in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="front_end_fraction"):
+            tiny(front_end_fraction=fraction)
 
 
 def test_loss_is_cross_entropy_on_upsampled_logits():
@@ -173,3 +181,101 @@ def test_loss_is_cross_entropy_on_upsampled_logits():
     expected = F.cross_entropy(F.interpolate(outputs["out"], size=(65, 49), mode="bilinear", align_corners=False),
                                labels, ignore_index=255)
     torch.testing.assert_close(model.loss(outputs, labels)["total"], expected)
+
+
+def test_front_end_trains_alone_then_the_module_joins():
+    model = tiny(variant="basic")
+    assert model.front_end_fraction == 0.5 and not model.context_joined
+    assert model.find_unused_parameters  # DDP must expect the module's missing gradients
+    assert not tiny(front_end_fraction=0.0).find_unused_parameters
+    assert not tiny(context=False).find_unused_parameters
+    images, labels = fixed_batch()
+    outputs = model(images)
+    model.eval()
+    with torch.no_grad():  # the front-end stage: forward is the front end's scores
+        torch.testing.assert_close(model(images)["out"], model.front_end(model.backbone(images)))
+    model.train()
+    model.loss(outputs, labels)["total"].backward()
+    assert all(p.grad is None for p in model.context.parameters())  # no gradient, so no weight decay either
+    assert model.classifier.weight.grad.abs().sum() > 0
+    for step in range(4):  # 10 steps at 0.5: joins once 5 are done
+        model.after_step(outputs, labels, step, 10)
+    assert not model.context_joined
+    model.after_step(outputs, labels, 4, 10)
+    assert model.context_joined
+    # The stage is saved with the weights (a resumed or a trained model is in it) ...
+    state = model.state_dict()
+    assert state["context_joined"].item() is True
+    fresh = tiny(variant="basic")
+    fresh.load_state_dict(state)
+    assert fresh.context_joined
+    # ... and weights saved before the schedule existed (trained jointly) load as joined.
+    del state["context_joined"]
+    fresh = tiny(variant="basic")
+    fresh.load_state_dict(state)
+    assert fresh.context_joined
+    assert tiny(front_end_fraction=0.0).context_joined
+
+
+@pytest.mark.parametrize("variant", ["large", "basic"])
+def test_a_class_scored_negative_everywhere_gets_no_gradient_through_the_module(variant):
+    # Why joint training from random init fails: the module's first ReLU truncates the
+    # scores, so a class whose scores are < 0 at every pixel gets no gradient at all.
+    images, labels = fixed_batch()
+    grads = {}
+    for joined in (True, False):
+        model = tiny(variant=variant)
+        if joined:
+            model.join_context()
+        with torch.no_grad():
+            model.classifier.bias[2] = -100.0
+        model.loss(model(images), labels)["total"].backward()
+        grads[joined] = model.classifier.weight.grad[2].abs().sum().item()
+    assert grads[True] == 0.0
+    assert grads[False] > 0  # the front end alone still learns the class (labels hold class 2)
+
+
+def imbalanced_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two noise images, 86 % background with four 12 px objects each (like the demo)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    for image in range(2):
+        for k in range(1, NUM_CLASSES):
+            row, col = (8 + 24 * ((k - 1) // 2) + 4 * image) % 48, 8 + 24 * ((k - 1) % 2)
+            labels[image, row:row + 12, col:col + 12] = k
+    return images, labels
+
+
+@pytest.mark.parametrize("front_end_fraction", [0.5, 0.0])
+def test_whole_model_learns_every_class_from_random_init(front_end_fraction):
+    # The demo's recipe (lr 0.001, heads x10, momentum 0.9, weight decay 5e-4) on a mostly
+    # background batch. Joint from the first step (0.0) the loss pushes every object class
+    # below 0 everywhere within a few steps and they never come back: background only,
+    # loss stuck at the class prior (~0.55), what the demo showed. With the front end
+    # trained first (the default) every class is learnt. Measured over 5 seeds: always so.
+    model = tiny(front_end_fraction=front_end_fraction)
+    images, labels = imbalanced_batch()
+    backbone, heads = model.param_groups()
+    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 0.01}], lr=0.001,
+                                momentum=0.9, weight_decay=5e-4)
+    steps, losses = 30, []
+    for step in range(steps):
+        outputs = model(images)
+        terms = model.loss(outputs, labels)
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+        model.after_step(outputs, labels, step, steps)
+        losses.append(terms["total"].item())
+    model.eval()
+    with torch.no_grad():
+        scores = model.front_end(model.backbone(images))
+        predicted = set(model.predict(images).argmax(dim=1).unique().tolist())
+    alive = (scores > 0).flatten(2).any(dim=2).any(dim=0)  # classes scored > 0 somewhere
+    if front_end_fraction > 0:
+        assert alive.all() and predicted == set(range(NUM_CLASSES)), (alive, predicted)
+        assert losses[-1] < 0.4 * losses[0], losses  # measured: ~0.1 of the start
+    else:
+        assert not alive[1:].any() and predicted == {0}, (alive, predicted)
+        assert losses[-1] > 0.3 * losses[0], losses  # measured: ~0.33, the prior's level
