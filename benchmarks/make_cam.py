@@ -1,16 +1,22 @@
-"""make-cam: the naive per-image CAM inference against wsseg's `multiscale_cams`.
+"""make-cam: the naive per-image CAM inference against wsseg's.
 
-The naive formulation, per image and per scale: a batch-1 forward of the image, then a
-batch-1 forward of its flip, and each of the two CAMs resized to both output sizes on
-its own. wsseg's `wsseg.models.cam.multiscale_cams` runs the image and its flip as one
-batch of 2 per scale and resizes their sum once. (IRN's own make_cam already does the
-latter: its dataset stacks [image, flip(image)] per scale and its CAM network sums the
-pair before resizing.) The two give the same CAMs up to float rounding.
+The naive formulation, per image and per scale: a batch-1 forward of the trained
+network on the image, then on its flip, and each of the two CAMs resized to both output
+sizes on its own. wsseg's make-cam (what the stage runs) first builds an inference-only
+copy of the network once, `wsseg.models.cam.inference_network` (every BatchNorm folded
+into its conv, the ReLUs and residual adds fused into oneDNN's CPU convolutions,
+channels_last), then per image `multiscale_cams`: per scale the image and its flip as
+one batch of 2 up to `CPU_PAIR_MAX_PIXELS` pixels (two batch-1 passes above), their sum
+resized once. (IRN's own make_cam batches the pair at every size: its dataset stacks
+[image, flip(image)] per scale and its CAM network sums the pair before resizing.) The
+two give the same CAMs up to float rounding.
 
     .venv/bin/python benchmarks/make_cam.py                     # demo + VOC-sized images; updates docs/BENCHMARKS.md
     .venv/bin/python benchmarks/make_cam.py --voc-count 8       # more VOC-sized images (~5-10 s each per method here)
     .venv/bin/python benchmarks/make_cam.py --memory-counts 10,40,160 --voc-memory-counts 1,4 --no-docs
-    .venv/bin/python benchmarks/make_cam.py --per-scale 3       # what limits VOC sizes: the backbone, per scale
+    .venv/bin/python benchmarks/make_cam.py --per-scale 3       # the VOC-sized backbone per scale: batch of 2 or not
+    .venv/bin/python benchmarks/make_cam.py --demo-count 0 --memory-counts "" --keep-freed-memory --no-docs
+                                                  # both methods with glibc keeping freed memory (no page faults)
 
 Measured on the demo images (data/demo) with the demo's trained CAM network
 (runs/demo/cam/model.pt, copied; random weights when it is absent: speed does not
@@ -20,11 +26,14 @@ weights, 2 tags each).
 
 - Speed: one fresh process per setting runs both methods on every image, back to back
   in alternating order, so that the load of a shared machine falls on both alike; the
-  CAMs of the two are compared image by image. One more demo image (and VOC-sized with
-  --profile-voc) then goes through both formulations' loops with timers between the
-  parts (resize, backbone, the rest).
-- Per scale (--per-scale, not in the default run: ~1-2 minutes): the VOC-sized backbone
-  on an image and its flip, 2 x batch-1 against one batch of 2, at each scale.
+  CAMs of the two are compared image by image, and the minor page faults of each method
+  are counted (fresh memory the kernel maps and zeroes). One more demo image (and
+  VOC-sized with --profile-voc) then goes through both formulations' loops with timers
+  between the parts (resize, backbone, the rest). The one-time cost of building the
+  inference network is timed apart.
+- Per scale (--per-scale, not in the default run: ~2-3 minutes): the VOC-sized backbone
+  on an image and its flip, 2 x batch-1 against one batch of 2, at each scale, for the
+  trained network as it is and for the inference network.
 - Memory: one fresh process per method and number of images; peak = ru_maxrss above
   the baseline after building the network, to show it does not grow with the images.
 """
@@ -32,7 +41,10 @@ weights, 2 tags each).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import math
+import resource
 import shutil
 import tempfile
 import time
@@ -50,7 +62,7 @@ from wsseg.config import load_config
 from wsseg.data.transforms import normalize
 from wsseg.data.voc import VOCDataset, read_id_list
 from wsseg.models.backbones import ResNet
-from wsseg.models.cam import CAMNet, multiscale_cams
+from wsseg.models.cam import CPU_PAIR_MAX_PIXELS, CAMNet, inference_network, multiscale_cams
 from wsseg.stages.artifacts import load_torch
 from wsseg.stages.train_cam import CAM_STRIDES, build_network
 
@@ -101,7 +113,8 @@ def naive_cams(model: CAMNet, image: torch.Tensor, keys: torch.Tensor,
 
 def wsseg_cams(model: CAMNet, image: torch.Tensor, keys: torch.Tensor,
                scales: Sequence[float] = SCALES) -> tuple[torch.Tensor, torch.Tensor]:
-    """wsseg's make-cam for one image (the function the make-cam stage calls)."""
+    """wsseg's make-cam for one image (the function the make-cam stage calls); `model` is the
+    inference network the stage builds once (`Inputs.networks["wsseg"]`)."""
     return multiscale_cams(model, image, keys, scales)
 
 
@@ -127,13 +140,15 @@ def voc_image(index: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Inputs:
-    """The network and the images of one setting, image by image (nothing is held).
+    """The networks and the images of one setting, image by image (nothing is held).
 
     'demo': the demo images (~70 different sizes); 'demo128': the same resized to 128x128;
-    'voc': VOC-sized random images, all 500x375.
+    'voc': VOC-sized random images, all 500x375. `networks[method]` is the network each
+    method runs: the trained one for naive, its inference copy for wsseg (built once, as
+    the stage does; `prepare_seconds` is what that took).
     """
 
-    def __init__(self, kind: str, model_path: str | None):
+    def __init__(self, kind: str, model_path: str | None, methods: tuple[str, ...] = ("naive", "wsseg")):
         torch.manual_seed(0)  # the same random weights in every process
         self.fixed_size = (128, 128) if kind == "demo128" else None
         if kind in ("demo", "demo128"):
@@ -147,6 +162,11 @@ class Inputs:
             self.model = CAMNet(ResNet(50, width=1.0, strides=CAM_STRIDES), VOC_CLASSES)
             self.dataset = None
         self.model.eval()
+        self.networks = {"naive": self.model} if "naive" in methods else {}
+        start = time.perf_counter()
+        if "wsseg" in methods:
+            self.networks["wsseg"] = inference_network(self.model, channels_last=True)
+        self.prepare_seconds = time.perf_counter() - start
 
     def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dataset is None:
@@ -164,39 +184,57 @@ class Inputs:
 
 def worker_memory(args) -> dict:
     """One method over `count` images: peak memory above the baseline after building the network."""
-    inputs = Inputs(args.images, args.model)
+    inputs = Inputs(args.images, args.model, (args.method,))
+    if args.method == "wsseg":
+        inputs.model = None  # the stage keeps only the inference network: the trained one is freed
     baseline = max_rss_kb()
     method = METHODS[args.method]
     for index in range(args.count):
-        method(inputs.model, *inputs(index))
+        method(inputs.networks[args.method], *inputs(index))
     return {"peak_mib": peak_mib(baseline), "count": args.count}
 
 
 def worker_speed(args) -> dict:
     """Both methods on every image, back to back in alternating order, so that the load of a
     shared machine falls on both alike; then one more image through the profiled loops."""
+    if args.keep_freed_memory:
+        keep_freed_memory()
     inputs = Inputs(args.images, args.model)
-    for method in METHODS.values():  # warm-up: one-time allocations and kernel setup for these shapes
-        method(inputs.model, *inputs(0))
+    for name, method in METHODS.items():  # warm-up: one-time allocations and kernel setup for these shapes
+        method(inputs.networks[name], *inputs(0))
     times = {name: [] for name in METHODS}
+    faults = {name: 0 for name in METHODS}
     differences = {"cam": 0.0, "high_res": 0.0}
     for index in range(1, args.count + 1):
         image, keys = inputs(index)
         outputs = {}
         for name in (("naive", "wsseg") if index % 2 else ("wsseg", "naive")):
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
-            outputs[name] = METHODS[name](inputs.model, image, keys)
+            outputs[name] = METHODS[name](inputs.networks[name], image, keys)
             times[name].append(time.perf_counter() - start)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
         for which, key in enumerate(differences):
             difference = float((outputs["naive"][which] - outputs["wsseg"][which]).abs().max())
             differences[key] = max(differences[key], difference)
     parts = profile(inputs, args.count + 1) if args.profile else None
-    return {"seconds": times, "differences": differences, "parts": parts}
+    return {"seconds": times, "differences": differences, "parts": parts, "prepare_seconds": inputs.prepare_seconds,
+            "faults_per_image": {name: count / args.count for name, count in faults.items()}}
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse (no mmap per large tensor, never trimmed): every
+    large activation is then recycled instead of being mapped and zeroed by the kernel anew."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters (malloc.h)
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("mallopt failed: --keep-freed-memory needs glibc")
 
 
 def profile(inputs: Inputs, index: int) -> dict:
     """Per-part time of one image for both formulations (their loops, with timers between the parts)."""
     model = inputs.model
+    prepared = inputs.networks["wsseg"]
     parts: dict[str, dict[str, float]] = {"naive": {}, "wsseg": {}}
 
     def add(name: str, method: str, start: float) -> float:
@@ -231,7 +269,10 @@ def profile(inputs: Inputs, index: int) -> dict:
                         F.interpolate(maps, size=padded, mode="bilinear", align_corners=False)
                     add("CAM resizes (bilinear)", method, t)
                 else:
-                    features = model.backbone(torch.cat([scaled, scaled.flip(-1)]))["layer4"]
+                    if size[0] * size[1] <= CPU_PAIR_MAX_PIXELS:
+                        features = prepared.backbone(torch.cat([scaled, scaled.flip(-1)]))["layer4"]
+                    else:
+                        features = torch.cat([prepared.backbone(x)["layer4"] for x in (scaled, scaled.flip(-1))])
                     t = add("backbone", method, t)
                     maps = F.relu(F.conv2d(features, weight))
                     summed = (maps[0] + maps[1].flip(-1))[None]
@@ -243,7 +284,8 @@ def profile(inputs: Inputs, index: int) -> dict:
 
 
 def worker_scales(args) -> dict:
-    """Per scale of one image: the backbone on the image and its flip as 2 x batch-1 vs one batch of 2."""
+    """Per scale of one image: the backbone on the image and its flip as 2 x batch-1 vs one batch of 2,
+    for the trained network and for the inference network, the four in alternating order."""
     inputs = Inputs(args.images, args.model)
     image, _ = inputs(0)
     height, width = image.shape[1:]
@@ -253,26 +295,37 @@ def worker_scales(args) -> dict:
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             x = F.interpolate(image[None], size=size, mode="bicubic", align_corners=False, antialias=True)
             pair = torch.cat([x, x.flip(-1)])
-            inputs.model.backbone(pair), inputs.model.backbone(x)  # warm-up for these shapes
-            single, batched = [], []
-            for _ in range(args.count):
-                start = time.perf_counter()
-                inputs.model.backbone(x)
-                inputs.model.backbone(x.flip(-1))
-                middle = time.perf_counter()
-                inputs.model.backbone(pair)
-                single.append(middle - start)
-                batched.append(time.perf_counter() - middle)
-            rows.append({"scale": scale, "size": size, "single": min(single), "batched": min(batched)})
+            runs = {}
+            for network in ("naive", "wsseg"):
+                backbone = inputs.networks[network].backbone
+                runs[f"{network} single"] = lambda b=backbone, x=x: (b(x), b(x.flip(-1)))
+                runs[f"{network} batched"] = lambda b=backbone, pair=pair: b(pair)
+            seconds = {name: [] for name in runs}
+            for run in runs.values():  # warm-up for these shapes
+                run()
+            for repeat in range(args.count):
+                for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+                    start = time.perf_counter()
+                    runs[name]()
+                    seconds[name].append(time.perf_counter() - start)
+            rows.append({"scale": scale, "size": size, **{name: min(s) for name, s in seconds.items()}})
     return {"rows": rows}
 
 
 def scales_table(rows: list[dict]) -> str:
-    lines = [[f"{r['scale']:g}", f"{r['size'][1]}x{r['size'][0]}", fmt(r["single"]), fmt(r["batched"]),
-              f"{r['single'] / r['batched']:.2f}x"] for r in rows]
-    single, batched = sum(r["single"] for r in rows), sum(r["batched"] for r in rows)
-    lines.append(["**all**", "", fmt(single), fmt(batched), f"{single / batched:.2f}x"])
-    return table(["scale", "input (WxH)", "2 x batch-1 (s)", "batch of 2 (s)", "batch of 2 speed-up"], lines)
+    columns = ("naive single", "naive batched", "wsseg single", "wsseg batched")
+    lines = []
+    for r in rows:
+        pixels = r["size"][0] * r["size"][1]
+        lines.append([f"{r['scale']:g}", f"{r['size'][1]}x{r['size'][0]}", *(fmt(r[c]) for c in columns),
+                      f"{r['wsseg single'] / r['wsseg batched']:.2f}x",
+                      "batch of 2" if pixels <= CPU_PAIR_MAX_PIXELS else "2 x batch-1"])
+    totals = {c: sum(r[c] for r in rows) for c in columns}
+    lines.append(["**all**", "", *(fmt(totals[c]) for c in columns),
+                  f"{totals['wsseg single'] / totals['wsseg batched']:.2f}x", ""])
+    return table(["scale", "input (WxH)", "trained, 2 x batch-1 (s)", "trained, batch of 2 (s)",
+                  "inference net, 2 x batch-1 (s)", "inference net, batch of 2 (s)", "batch of 2 speed-up (inference net)",
+                  "wsseg runs"], lines, "llrrrrrl")
 
 
 # ------------------------------------------------------------------------ driver
@@ -288,6 +341,8 @@ def main() -> None:
     parser.add_argument("--per-scale", type=int, default=0, metavar="REPEATS",
                         help="only time the VOC-sized backbone per scale, 2 x batch-1 vs a batch of 2 (min of REPEATS); "
                              "writes its own subsection")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="speed rows only: glibc keeps freed memory in both methods' process (see keep_freed_memory)")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     # worker mode (internal)
     parser.add_argument("--worker", choices=["speed", "memory", "scales"])
@@ -308,7 +363,9 @@ def main() -> None:
         print(result)
         if not args.no_docs:
             notes = [f"{LABELS['voc']} (random weights): the backbone alone on one image and its flip at each make-cam "
-                     f"scale, one fresh process, after a warm-up; minimum of {args.per_scale} repeats"]
+                     f"scale, the trained network as it is (what naive runs) and its inference copy (what wsseg runs), "
+                     f"one fresh process, after a warm-up, the four in alternating order; minimum of {args.per_scale} "
+                     f"repeats; wsseg batches the pair up to CPU_PAIR_MAX_PIXELS = {CPU_PAIR_MAX_PIXELS:,} pixels"]
             body = "\n".join(header("make_cam.py", load_before, notes)) + "\n\n" + result
             write_section(SECTION, INTRO, "CPU, VOC-sized backbone per scale", body)
         return
@@ -323,18 +380,23 @@ def main() -> None:
             return ["--images", kind] + (["--model", model] if model and kind != "voc" else [])
 
         speed_rows, profile_rows, results = [], [], {}
-        settings = [("demo", args.demo_count), ("demo128", args.demo_count)] + ([("voc", args.voc_count)] if args.voc_count else [])
+        settings = [(kind, args.demo_count) for kind in ("demo", "demo128") if args.demo_count]
+        settings += [("voc", args.voc_count)] if args.voc_count else []
         for kind, count in settings:
             profiled = kind == "demo" or (kind == "voc" and args.profile_voc)
             record = run_worker(__file__, ["--worker", "speed", "--count", str(count), *arguments(kind)]
-                                + (["--profile"] if profiled else []))
+                                + (["--profile"] if profiled else [])
+                                + (["--keep-freed-memory"] if args.keep_freed_memory else []))
             naive, ours = (np.array(record["seconds"][m]) for m in ("naive", "wsseg"))
             ratio = float(np.median(naive / ours))
+            faults = record["faults_per_image"]
             results[kind] = {"naive_seconds": float(np.median(naive)), "wsseg_seconds": float(np.median(ours)),
-                             "ratio": ratio, "differences": record["differences"], "parts": record["parts"]}
+                             "ratio": ratio, "differences": record["differences"], "parts": record["parts"],
+                             "prepare_seconds": record["prepare_seconds"], "faults_per_image": faults}
             speed_rows.append([LABELS[kind], str(count), fmt(1 / np.median(naive)), fmt(1 / np.median(ours)),
                                f"{ratio:.2f}x", f"{record['differences']['cam']:.1e}",
-                               f"{record['differences']['high_res']:.1e}"])
+                               f"{record['differences']['high_res']:.1e}",
+                               f"{faults['naive']:,.0f} / {faults['wsseg']:,.0f}", fmt(record["prepare_seconds"])])
             print(f"  {kind}: naive {1 / np.median(naive):.3g}, wsseg {1 / np.median(ours):.3g} images/s, "
                   f"ratio {ratio:.2f}", flush=True)
             if profiled:
@@ -357,38 +419,43 @@ def main() -> None:
                 memory_rows.append([LABELS[kind], method, str(count), fmt(record["peak_mib"])])
 
     speed = table(["images", "N", "naive (images/s)", "wsseg (images/s)", "wsseg / naive", "max abs diff cam",
-                   "max abs diff high_res"], speed_rows, "lrrrrrr")
+                   "max abs diff high_res", "page faults per image (naive / wsseg)", "inference network built once (s)"],
+                  speed_rows, "lrrrrrrrr")
     memory_table = table(["images", "method", "N", "peak above baseline (MiB)"], memory_rows, "llrr")
     profile_table = table(["images", "part", "naive (s/image)", "naive %", "wsseg (s/image)", "wsseg %"], profile_rows,
                           "llrrrr")
     print("\n" + speed + "\n\n" + memory_table + "\n\n" + profile_table)
+    if args.keep_freed_memory:  # a diagnostic: not how the stage runs, so not what pipeline.py should read
+        return
     voc_rate = 1 / results["voc"]["wsseg_seconds"] if "voc" in results else None
     save_results("make_cam", {"voc_images_per_second": voc_rate, "results": results})
     if args.no_docs:
         return
     notes = [
         f"scales {', '.join(f'{s:g}' for s in SCALES)}, each with its flip; demo images: {weights}; VOC-sized: "
-        f"ResNet-50 (strides 1, 2, 2, 1), random weights, {VOC_CLASSES} classes, {VOC_TAGS} tags per image",
+        f"ResNet-50 (strides 1, 2, 2, 1), random weights, {VOC_CLASSES} classes, {VOC_TAGS} tags per image; naive runs the "
+        "trained network as it is, wsseg its inference copy (inference_network, channels_last), built once per process "
+        "(the last column; not in the per-image time)",
         "speed: one process per row runs both methods on every image, back to back in alternating order (the load of "
         "this shared machine then falls on both alike), after one warm-up image; images/s = 1 / median time per image "
         "(CAM computation only), wsseg / naive = median over images of the per-image ratio; max abs diff over all "
-        "timed images (CAMs are max-normalised to [0, 1])",
+        "timed images (CAMs are max-normalised to [0, 1]); page faults: minor faults (ru_minflt) per timed image",
         "memory: one fresh process per method and N; peak = ru_maxrss above the baseline after building the network",
     ]
     body = "\n".join(header("make_cam.py", load_before, notes)) + "\n\n" + speed + "\n\n" + memory_table
     body += ("\n\nWhere one image's time goes (s per image; one more image through the two formulations' loops with "
              "timers between the parts):\n\n" + profile_table)
-    body += "\n\nPer scale at VOC sizes: `--per-scale 3`, the subsection below."
+    body += "\n\nPer scale at VOC sizes: `--per-scale REPEATS`, the subsection below."
     write_section(SECTION, INTRO, "CPU", body)
 
 
 INTRO = """\
-The naive make-cam (per image and scale: a batch-1 forward of the image, a batch-1
-forward of its flip, each CAM resized on its own) against wsseg's
-`wsseg.models.cam.multiscale_cams` (image + flip as one batch of 2 per scale, their
-sum resized once), measured by `benchmarks/make_cam.py`. IRN's own make_cam already
-batches the pair the way wsseg does, so this is a comparison with the straightforward
-formulation, not with IRN."""
+The naive make-cam (per image and scale: a batch-1 forward of the trained network on the
+image, then on its flip, each CAM resized on its own) against wsseg's (an inference copy
+of the network built once by `wsseg.models.cam.inference_network`: BatchNorms folded into
+the convs, ReLUs and residual adds fused into oneDNN's convolutions, channels_last; then
+`multiscale_cams`: image + flip as one batch of 2 per scale up to 250,000 pixels, two
+batch-1 passes above, their sum resized once), measured by `benchmarks/make_cam.py`."""
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from wsseg.errors import UserError
 from wsseg.models import backbones
-from wsseg.models.backbones import ResNet, load_weights, resnet
+from wsseg.models.backbones import ResNet, fold_batchnorm, load_weights, resnet
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -368,3 +368,33 @@ def test_invalid_arguments():
         ResNet(18, trainable=("layer5",))
     with pytest.raises(ValueError):
         resnet(18, output_stride=4)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fold_batchnorm_matches_eval_mode(depth, channels_last, monkeypatch):
+    torch.manual_seed(0)
+    model = ResNet(depth, width=0.25, strides=(1, 2, 2, 1), frozen_bn=True, trainable=("layer3", "layer4"))
+    with torch.no_grad():  # non-trivial statistics and affine parameters
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model, channels_last=channels_last)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(2, 3, 45, 38)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        fused = folded(x)
+        monkeypatch.setattr(backbones, "_use_onednn_fusion", lambda x, weight: False)
+        plain = folded(x)
+    for outputs in (fused, plain):
+        assert outputs.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(outputs[name], value, rtol=1e-4, atol=1e-4)
+            assert outputs[name].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert folded.channels == model.channels and folded.strides_of == model.strides_of

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wsseg.models import backbones
+from wsseg.models import cam as cam_module
 from wsseg.models.backbones import ResNet
-from wsseg.models.cam import CAMNet, cam_loss, multiscale_cams, recam_loss
+from wsseg.models.cam import CAMNet, cam_loss, inference_network, multiscale_cams, recam_loss
 
 NUM_CLASSES = 4
 
@@ -136,6 +138,74 @@ def test_multiscale_cams_edge_cases():
     net.eval()
     cam32, _ = multiscale_cams(net, image, torch.tensor([1]), scales=(1.0,))
     cam16, _ = multiscale_cams(net, image, torch.tensor([1]), scales=(1.0,), amp_dtype=torch.bfloat16)
+    assert cam16.dtype == torch.float32 and (cam16 - cam32).abs().max() < 0.1
+
+
+def with_batchnorm_statistics(net: CAMNet, seed: int = 0) -> CAMNet:
+    """Non-trivial running statistics and affine parameters, so that folding them is exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                size = module.num_features
+                module.running_mean.copy_(torch.rand(size, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(size, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(size, generator=generator) * 0.4 - 0.2)
+    return net
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_inference_network_gives_the_same_cams(channels_last, fused, monkeypatch):
+    if not fused:  # the F.conv2d path (CUDA, autocast, no oneDNN) instead of oneDNN's fused convolution
+        monkeypatch.setattr(backbones, "_use_onednn_fusion", lambda x, weight: False)
+    net = with_batchnorm_statistics(tiny_cam_net(recam=True))
+    prepared = inference_network(net, channels_last=channels_last)
+    image = torch.randn(3, 67, 53)
+    keys = torch.tensor([3, 1])
+    expected = multiscale_cams(net, image, keys)
+    for pair_max_pixels in (10**9, 0):  # image + flip as one batch of 2, and as two batch-1 passes
+        monkeypatch.setattr(cam_module, "CPU_PAIR_MAX_PIXELS", pair_max_pixels)
+        cam, high_res = multiscale_cams(prepared, image, keys)
+        torch.testing.assert_close(cam, expected[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(high_res, expected[1], rtol=0, atol=1e-5)
+    # The plain CAM of a ReCAM model, and the logits, follow the copy too.
+    torch.testing.assert_close(multiscale_cams(prepared, image, keys, recam=False)[0],
+                               multiscale_cams(net, image, keys, recam=False)[0], rtol=0, atol=1e-5)
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_inference_network_leaves_the_trained_network_alone():
+    net = with_batchnorm_statistics(tiny_cam_net(recam=True))
+    net.train()
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    requires_grad = {name: p.requires_grad for name, p in net.named_parameters()}
+    prepared = inference_network(net, channels_last=True)
+    multiscale_cams(prepared, torch.randn(3, 40, 40), torch.tensor([0, 2]))
+    # The trained weights, buffers, flags and mode are untouched; nothing is shared with the copy.
+    assert net.training
+    assert {name: p.requires_grad for name, p in net.named_parameters()} == requires_grad
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(value.is_contiguous() for value in after.values())  # no channels_last leaked into the original
+    ours = {p.data_ptr() for p in net.parameters()} | {b.data_ptr() for b in net.buffers()}
+    theirs = {t.data_ptr() for t in (*prepared.parameters(), *prepared.buffers())}
+    assert not ours & theirs
+    # The copy has no BatchNorm left and nothing to train.
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    assert not any(p.requires_grad for p in prepared.parameters())
+    assert not prepared.training
+
+
+def test_inference_network_under_autocast_stays_close():
+    net = with_batchnorm_statistics(tiny_cam_net())
+    prepared = inference_network(net, channels_last=True)
+    image, keys = torch.randn(3, 33, 30), torch.tensor([1])
+    cam32, _ = multiscale_cams(prepared, image, keys, scales=(1.0,))
+    cam16, _ = multiscale_cams(prepared, image, keys, scales=(1.0,), amp_dtype=torch.bfloat16)
     assert cam16.dtype == torch.float32 and (cam16 - cam32).abs().max() < 0.1
 
 

@@ -16,14 +16,21 @@ Knobs the pipeline needs on top of torchvision's ResNet:
   of frozen stages runs under torch.no_grad(), so its outputs are detached (IRN stops
   gradients after layer2) and keep no activations for backward;
 - `width`: multiplies every stage's channel count, for small models on a CPU.
+
+`fold_batchnorm(backbone)` makes an inference-only copy for per-image inference: every
+BatchNorm folded into the conv before it, and on CPU the ReLU and the residual add
+computed inside oneDNN's convolution (make-cam's time, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsseg.errors import UserError
@@ -253,6 +260,153 @@ class ResNet(nn.Module):
                 x = stage_fns[name](x)
             outputs[name] = x
         return outputs
+
+
+class FoldedConv(nn.Module):
+    """Inference-only conv with its BatchNorm folded in: relu(bn(conv(x)) + residual), each optional.
+
+    In eval mode BN is the per-channel affine map y * s + t with s = gamma / sqrt(var + eps)
+    and t = beta - mean * s, so it folds into the conv's weight (times s) and bias (t):
+    one pass over the output instead of two or three (BN, ReLU, the residual add). On
+    CPU in float32 the bias, the residual add and the ReLU run as post-ops inside
+    oneDNN's convolution (the op torch.compile's CPU backend emits); elsewhere (CUDA,
+    autocast, another dtype) F.conv2d, then the add and the ReLU.
+
+    Args:
+        conv: the trained conv (its weights are copied, never changed).
+        bn: the BatchNorm after it; its running statistics are used, as in eval().
+        relu: apply ReLU last (after the residual add when there is one).
+        memory_format: of the folded weight and of every input (torch.channels_last:
+            oneDNN's fastest CPU layout, and tensor cores' on CUDA).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        super().__init__()
+        with torch.no_grad():
+            # Folded in float64: the copy differs from conv + BN by float32 rounding only.
+            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            shift = bn.bias.double() - bn.running_mean.double() * scale
+            if conv.bias is not None:
+                shift = shift + conv.bias.double() * scale
+            weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
+        dtype = conv.weight.dtype
+        self.register_buffer("weight", weight.to(dtype).contiguous(memory_format=memory_format))
+        self.register_buffer("bias", shift.to(dtype))
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.relu = relu
+        self.memory_format = memory_format
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (B, C_in, H, W) -> (B, C_out, H', W'); residual, if given, has the output's shape."""
+        x = x.contiguous(memory_format=self.memory_format)
+        if _use_onednn_fusion(x, self.weight):
+            unary = "relu" if self.relu else "none"
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                    unary, [], "")
+            residual = residual.contiguous(memory_format=self.memory_format)
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                "add", None, "relu" if self.relu else None, [], "")
+        out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            out = out + residual
+        return torch.relu_(out) if self.relu else out
+
+
+@functools.cache
+def _onednn_fusion_works() -> bool:
+    """Whether this PyTorch has oneDNN's fused CPU convolution (a private op) and it computes
+    conv + bias + add + ReLU; checked once on a tiny input, F.conv2d is the fallback."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(1, 4, 5, 5, generator=generator), torch.randn(1, 8, 5, 5, generator=generator)
+    weight, bias = torch.randn(8, 4, 3, 3, generator=generator), torch.randn(8, generator=generator)
+    try:
+        with torch.no_grad():
+            fused = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, weight, bias, [1, 1], [1, 1], [1, 1], 1, "add", None, "relu", [], "")
+            plain = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1,
+                                                             "none", [], "")
+            expected = F.conv2d(x, weight, bias, padding=1)
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+    return (torch.allclose(plain, expected, rtol=1e-4, atol=1e-4)
+            and torch.allclose(fused, torch.relu(expected + residual), rtol=1e-4, atol=1e-4))
+
+
+def _use_onednn_fusion(x: Tensor, weight: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
+            and not (torch.is_grad_enabled() and x.requires_grad) and _onednn_fusion_works())
+
+
+class _FoldedBasicBlock(nn.Module):
+    """BasicBlock with folded BatchNorms: relu(conv2(relu(conv1(x))) + shortcut)."""
+
+    def __init__(self, block: BasicBlock, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        self.conv1 = FoldedConv(block.conv1, block.bn1, relu=True, memory_format=memory_format)
+        self.conv2 = FoldedConv(block.conv2, block.bn2, relu=True, memory_format=memory_format)
+        self.downsample = _folded_downsample(block.downsample, memory_format)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.conv2(self.conv1(x), residual=shortcut)
+
+
+class _FoldedBottleneck(nn.Module):
+    """Bottleneck with folded BatchNorms: relu(conv3(relu(conv2(relu(conv1(x))))) + shortcut)."""
+
+    def __init__(self, block: Bottleneck, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        self.conv1 = FoldedConv(block.conv1, block.bn1, relu=True, memory_format=memory_format)
+        self.conv2 = FoldedConv(block.conv2, block.bn2, relu=True, memory_format=memory_format)
+        self.conv3 = FoldedConv(block.conv3, block.bn3, relu=True, memory_format=memory_format)
+        self.downsample = _folded_downsample(block.downsample, memory_format)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
+
+
+def _folded_downsample(downsample: nn.Module | None, memory_format: torch.memory_format) -> FoldedConv | None:
+    if downsample is None:
+        return None
+    conv, bn = downsample  # nn.Sequential(conv 1x1, BatchNorm), see ResNet._make_layer
+    return FoldedConv(conv, bn, relu=False, memory_format=memory_format)
+
+
+def fold_batchnorm(backbone: ResNet, *, channels_last: bool = False) -> ResNet:
+    """An inference-only copy of `backbone`: what backbone.eval() computes, faster.
+
+    Every BatchNorm is folded into the conv before it (FoldedConv; the ReLU and the
+    residual add fuse into the conv on CPU). The copy's forward returns the same stages
+    as the backbone's (equal up to float32 rounding); its tensors are buffers, so it
+    cannot train, and `backbone` itself is left untouched (the trained weights, the
+    checkpoint). channels_last stores the weights and runs every conv in that memory
+    format. Build it once and reuse it: a ResNet-50 takes a fraction of a second.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    replacements: dict[int, nn.Module] = {
+        id(backbone.conv1): FoldedConv(backbone.conv1, backbone.bn1, relu=True, memory_format=memory_format),
+        id(backbone.bn1): nn.Identity(),
+        id(backbone.relu): nn.Identity(),  # the stem's ReLU is inside conv1 now
+    }
+    for name in STAGES[1:]:
+        layer = getattr(backbone, name)
+        replacements[id(layer)] = nn.Sequential(*[
+            (_FoldedBottleneck if isinstance(unit, Bottleneck) else _FoldedBasicBlock)(unit, memory_format)
+            for unit in layer])
+    # A deep copy of the rest (channels, strides_of, the frozen prefix, the max-pool) with the
+    # replacements in place of the originals: deepcopy takes what its memo holds as already copied,
+    # so the trained tensors are never copied twice.
+    folded = copy.deepcopy(backbone, memo=replacements)
+    return folded.eval()
 
 
 def resnet(depth: int = 50, *, output_stride: int = 32, dilate: bool = True, **kwargs) -> ResNet:

@@ -22,6 +22,7 @@ the second classifier's gradients.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Sequence
 
@@ -29,10 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsseg.models.backbones import ResNet
+from wsseg.models.backbones import ResNet, fold_batchnorm
 
 # IRN divides each CAM channel by its spatial max plus this (make_cam, ReCAM's features).
 _MAX_EPS = 1e-5
+# On CPU, multiscale_cams runs an image and its flip as one batch of 2 up to this many
+# pixels per image and as two batch-1 passes above. A batch of 2 saves per-call overhead
+# on small inputs (1.1-1.8x below ~65k pixels), is about even from 190k pixels up (0.9-1.1x
+# at 420k-750k; folded ResNet-50, docs/BENCHMARKS.md make-cam) and doubles the activations.
+CPU_PAIR_MAX_PIXELS = 250_000
 
 
 class CAMNet(nn.Module):
@@ -138,6 +144,21 @@ def recam_loss(recam_logits: Tensor, tags: Tensor) -> Tensor:
     return (per_pair / classes_per_image[image_index]).sum() / batch
 
 
+def inference_network(model: CAMNet, *, channels_last: bool) -> CAMNet:
+    """An inference-only copy of the CAM network for per-image inference (make-cam).
+
+    The backbone's BatchNorms are folded into its convs (backbones.fold_batchnorm; on CPU
+    the ReLUs and residual adds run inside the convs), optionally in channels_last (on
+    CPU it pays at every size measured; on CUDA follow run.channels_last). The copy
+    computes what model.eval() computes up to float32 rounding, cannot train, and leaves
+    `model` (the trained weights) untouched. Build it once per stage, not per image.
+    """
+    # A copy of the classifiers with the folded backbone in place of the backbone (see fold_batchnorm).
+    prepared = copy.deepcopy(model, memo={id(model.backbone): fold_batchnorm(model.backbone, channels_last=channels_last)})
+    prepared.requires_grad_(False)
+    return prepared.eval()
+
+
 def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                     scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), *,
                     recam: bool | None = None,
@@ -146,7 +167,7 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
 
     Args:
         model: the CAM network, on the image's device (switched to eval() for the call,
-            its mode restored after).
+            its mode restored after); its `inference_network` copy gives the same CAMs faster.
         image: (3, H, W) float, ImageNet-normalised.
         keys: (K,) int64 0-based present classes; the output channels, in this order.
         scales: image scales (IRN: 1.0, 0.5, 1.5, 2.0).
@@ -160,7 +181,8 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
         Each channel divided by its own spatial max + 1e-5 (so its max is ~1, or 0 for
         an all-zero map). For every scale s the image is resized to round(s*H) x
         round(s*W) (bicubic with antialiasing, like IRN's PIL resize); the image and
-        its horizontal flip run as one batch of 2 and give CAM(img) + flip(CAM(flip)).
+        its horizontal flip give CAM(img) + flip(CAM(flip)), computed as one batch of 2
+        (on CPU only up to CPU_PAIR_MAX_PIXELS pixels, else two batch-1 passes).
         `cam` sums every scale's map resized (bilinear, align_corners=False) to
         ceil(H/4) x ceil(W/4); `high_res` sums them resized to
         (ceil(H/16)*16, ceil(W/16)*16) and crops to H x W.
@@ -189,11 +211,14 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                 if size != (height, width):
                     scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False,
                                            antialias=True)
-                pair = torch.cat([scaled, scaled.flip(-1)])
                 autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                             else contextlib.nullcontext())
                 with autocast:
-                    features = model.backbone(pair)["layer4"]
+                    if device.type != "cpu" or size[0] * size[1] <= CPU_PAIR_MAX_PIXELS:
+                        features = model.backbone(torch.cat([scaled, scaled.flip(-1)]))["layer4"]
+                    else:
+                        features = torch.cat([model.backbone(scaled)["layer4"],
+                                              model.backbone(scaled.flip(-1))["layer4"]])
                 maps = F.relu(F.conv2d(features.float(), weight))
                 summed = (maps[0] + maps[1].flip(-1))[None]
                 cam += F.interpolate(summed, size=small_size, mode="bilinear", align_corners=False)[0]

@@ -16,7 +16,7 @@ from wsseg.data.transforms import normalize
 from wsseg.errors import UserError
 from wsseg.metrics import best_background_threshold
 from wsseg.ops.thresholds import otsu_threshold, relative_power, value_histogram
-from wsseg.models.cam import multiscale_cams
+from wsseg.models.cam import inference_network, multiscale_cams
 from wsseg.stages.artifacts import (cam_path, ids_with_ground_truth, image_ids, npz_is_whole, npz_looks_whole, open_dataset,
                                     read_cams, write_cams)
 from wsseg.stages.per_image import for_each_image, skipped_ids
@@ -35,9 +35,10 @@ def run(ctx: StageContext) -> dict:
     config = ctx.config
     dataset = open_dataset(config)
     ids = image_ids(config, "data.label_list", "data.eval_list")
-    model = load_network(config, ctx.store).to(ctx.device)
-    if ctx.device.type == "cuda" and config.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # BatchNorms folded into the convs, channels_last on CPU always (it pays there at every
+    # size measured, docs/BENCHMARKS.md) and on CUDA as run.channels_last says.
+    channels_last = ctx.device.type == "cpu" or config.run.channels_last
+    model = inference_network(load_network(config, ctx.store).to(ctx.device), channels_last=channels_last)
     folder = ctx.folder("cams")
 
     def work(image_id: str) -> None:
