@@ -18,15 +18,39 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def train_losses(model, lr: float, steps: int = 10) -> list[float]:
-    images, labels = fixed_batch()
+def train_steps(model, lr: float, steps: int = 10, *, images=None, labels=None, weight_decay: float = 0.0
+                ) -> tuple[list[float], list[dict]]:
+    """SGD (momentum 0.9, heads at 10x lr) on a batch (the fixed one by default), calling the
+    model's after_step hook after each step as train-segmenter does. Returns the total loss
+    and the loss terms of every step."""
+    if images is None:
+        images, labels = fixed_batch()
     backbone, heads = model.param_groups()
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 10 * lr}], lr=lr, momentum=0.9)
-    losses = []
-    for _ in range(steps):
-        terms = model.loss(model(images), labels)
+    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 10 * lr}], lr=lr, momentum=0.9,
+                                weight_decay=weight_decay)
+    losses, history = [], []
+    for step in range(steps):
+        outputs = model(images)
+        terms = model.loss(outputs, labels)
         optimizer.zero_grad()
         terms["total"].backward()
         optimizer.step()
+        if hasattr(model, "after_step"):
+            with torch.no_grad():
+                model.after_step(outputs, labels, step, steps)
         losses.append(terms["total"].item())
-    return losses
+        history.append(terms)
+    return losses, history
+
+
+def train_losses(model, lr: float, steps: int = 10) -> list[float]:
+    return train_steps(model, lr, steps)[0]
+
+
+def assert_param_groups_partition(model) -> None:
+    """param_groups() splits the trainable parameters into backbone and heads, each once."""
+    backbone, heads = model.param_groups()
+    ids = [id(p) for p in backbone + heads]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}

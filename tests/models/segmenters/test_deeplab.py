@@ -17,7 +17,7 @@ from wsseg.models.segmenters.common import (
 )
 from wsseg.models.segmenters.deeplab import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus
 from wsseg.ops.crf import DEEPLAB_V2_RESNET101_CRF, crf_from_probs
-from segmenter_batches import train_losses
+from segmenter_batches import assert_param_groups_partition, train_losses
 
 NUM_CLASSES = 5
 
@@ -46,11 +46,7 @@ def test_contract(cls, kwargs, lr):
         first, second = model.predict(x), model.predict(x)
     assert first.shape == (1, NUM_CLASSES, 65, 49)
     assert torch.equal(first, second)
-    backbone, heads = model.param_groups()
-    ids = [id(p) for p in backbone + heads]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+    assert_param_groups_partition(model)
 
 
 def dilations(module) -> list[int]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from wsseg.models.segmenters.dilated_context import ContextModule, DilatedContext, identity_init_
-from segmenter_batches import fixed_batch
+from segmenter_batches import assert_param_groups_partition, fixed_batch, train_steps
 
 NUM_CLASSES = 5
 
@@ -22,20 +22,11 @@ def tiny(seed: int = 0, **kwargs) -> DilatedContext:
 @pytest.mark.parametrize("variant", ["large", "basic"])
 def test_contract(variant):
     model = tiny(variant=variant)
-    images, labels = fixed_batch()
-    backbone, heads = model.param_groups()
     # The context module has no BatchNorm: at lr 0.01 (heads 0.1) the loss spiked and stalled
     # at ~0.95 of the start here; at 0.003 the large module spiked once after joining; 0.002 trains.
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 0.02}], lr=0.002, momentum=0.9)
-    losses = []
-    for step in range(12):  # as train-segmenter: after_step after each step (the module joins after 6)
-        outputs = model(images)
-        terms = model.loss(outputs, labels)
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-        model.after_step(outputs, labels, step, 12)
-        losses.append(terms["total"].item())
+    # after_step runs after each step, as in train-segmenter: the module joins after 6 of 12.
+    losses, history = train_steps(model, lr=0.002, steps=12)
+    terms = history[-1]
     assert model.context_joined
     assert losses[-1] < 0.5 * losses[0], losses  # measured: ends at ~0.2-0.24 of the start
     assert set(terms) == {"main", "total"}  # no aux head by default
@@ -48,10 +39,7 @@ def test_contract(variant):
     assert first.shape == (1, NUM_CLASSES, 65, 49)
     assert torch.equal(first, second)
     assert outputs["out"].shape[-2:] == (9, 7)  # OS8
-    ids = [id(p) for p in backbone + heads]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+    assert_param_groups_partition(model)
 
 
 def layout(module: ContextModule) -> list[tuple[int, int, int, int]]:
@@ -256,18 +244,7 @@ def test_whole_model_learns_every_class_from_random_init(front_end_fraction):
     # trained first (the default) every class is learnt. Measured over 5 seeds: always so.
     model = tiny(front_end_fraction=front_end_fraction)
     images, labels = imbalanced_batch()
-    backbone, heads = model.param_groups()
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 0.01}], lr=0.001,
-                                momentum=0.9, weight_decay=5e-4)
-    steps, losses = 30, []
-    for step in range(steps):
-        outputs = model(images)
-        terms = model.loss(outputs, labels)
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-        model.after_step(outputs, labels, step, steps)
-        losses.append(terms["total"].item())
+    losses, _ = train_steps(model, lr=0.001, steps=30, images=images, labels=labels, weight_decay=5e-4)
     model.eval()
     with torch.no_grad():
         scores = model.front_end(model.backbone(images))

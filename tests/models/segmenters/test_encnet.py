@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from wsseg.models.segmenters.encnet import ContextEncoding, EncNet, EncodingLayer, class_presence
-from segmenter_batches import fixed_batch
+from segmenter_batches import assert_param_groups_partition, fixed_batch, train_steps
 
 NUM_CLASSES = 5
 
@@ -126,16 +126,7 @@ def test_se_loss_is_bce_against_presence():
 
 def test_contract():
     model = tiny()
-    images, labels = fixed_batch()
-    backbone, heads = model.param_groups()
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 0.1}], lr=0.01, momentum=0.9)
-    losses = []
-    for _ in range(10):
-        terms = model.loss(model(images), labels)
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-        losses.append(terms["total"].item())
+    losses, _ = train_steps(model, lr=0.01)
     assert losses[-1] < 0.6 * losses[0], losses  # measured: ends at ~0.3 of the start
     assert model.context.encoding.codewords.grad.abs().sum() > 0
     assert model.context.encoding.smoothing.grad.abs().sum() > 0
@@ -149,10 +140,7 @@ def test_contract():
     assert torch.equal(first, second)
     assert outputs["out"].shape[-2:] == outputs["aux"].shape[-2:] == (9, 7)  # OS8
     assert outputs["se"].shape == (1, NUM_CLASSES)
-    ids = [id(p) for p in backbone + heads]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+    assert_param_groups_partition(model)
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from wsseg.models.segmenters.fcn import FCN8s, FCN16s, FCN32s, FCNDilated, bilinear_kernel
-from segmenter_batches import fixed_batch, train_losses
+from segmenter_batches import assert_param_groups_partition, fixed_batch, train_losses
 
 NUM_CLASSES = 5
 
@@ -31,11 +31,7 @@ def test_contract(cls):
     assert first.shape == (1, NUM_CLASSES, 65, 49)
     assert torch.equal(first, second)
     # param_groups: every trainable parameter exactly once; the backbone's in the first.
-    backbone, heads = model.param_groups()
-    ids = [id(p) for p in backbone + heads]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+    assert_param_groups_partition(model)
 
 
 def test_output_strides_and_aux():

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segmenter_batches import assert_param_groups_partition
 from wsseg.models.segmenters.maxdeeplab import (
     MaXDeepLab,
     hungarian_match,
@@ -324,11 +325,8 @@ def test_training_lowers_the_loss_and_masks_partition_the_image():
                                     {"aux": False, "output_stride": 8}])
 def test_contract(kwargs):
     model = tiny(**kwargs)
-    backbone, heads = model.param_groups()
-    ids = [id(p) for p in backbone + heads]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+    assert_param_groups_partition(model)
+    _, heads = model.param_groups()
     assert id(model.memory) in {id(p) for p in heads}
 
     model.eval()

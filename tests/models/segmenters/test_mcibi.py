@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from wsseg.models.segmenters.mcibi import MCIBI, apply_update, class_statistics, memory_momentum
-from segmenter_batches import fixed_batch
+from segmenter_batches import assert_param_groups_partition, fixed_batch, train_steps
 
 NUM_CLASSES = 5
 
@@ -192,19 +192,8 @@ def test_memory_loss_turns_on_after_the_given_step():
 
 def test_contract():
     model = tiny()
-    images, labels = fixed_batch()
-    backbone, heads = model.param_groups()
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 0.1}], lr=0.01, momentum=0.9)
-    losses, main = [], []
-    for step in range(10):
-        outputs = model(images)
-        terms = model.loss(outputs, labels)
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-        model.after_step(outputs, labels, step, 10)
-        losses.append(terms["total"].item())
-        main.append(terms["main"].item())
+    losses, history = train_steps(model, lr=0.01)
+    main = [terms["main"].item() for terms in history]
     # The memory term joins at step 1 (the memory is empty at step 0). Measured: the
     # total ends at ~0.66 of step 1's, the main term at ~0.32 of its start.
     assert losses[-1] < 0.8 * losses[1], losses
@@ -225,10 +214,7 @@ def test_contract():
     with torch.no_grad():
         model.memory.mul_(-1)
         assert not torch.allclose(model.predict(x), first)
-    ids = [id(p) for p in backbone + heads]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+    assert_param_groups_partition(model)
 
 
 @pytest.mark.parametrize("kwargs, size", [({"aspp_fusion": False}, (9, 7)), ({"output_stride": 16}, (5, 4))])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from wsseg.models.segmenters.pspnet import PSPNet, PyramidPooling
-from segmenter_batches import fixed_batch
+from segmenter_batches import assert_param_groups_partition, train_steps
 
 NUM_CLASSES = 5
 
@@ -19,16 +19,8 @@ def tiny(seed: int = 0, **kwargs) -> PSPNet:
 
 def test_contract():
     model = tiny()
-    images, labels = fixed_batch()
-    backbone, heads = model.param_groups()
-    optimizer = torch.optim.SGD([{"params": backbone}, {"params": heads, "lr": 0.1}], lr=0.01, momentum=0.9)
-    losses = []
-    for _ in range(10):
-        terms = model.loss(model(images), labels)
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-        losses.append(terms["total"].item())
+    losses, history = train_steps(model, lr=0.01)
+    terms = history[-1]
     assert losses[-1] < 0.6 * losses[0], losses  # measured: ends at ~0.32 of the start
     assert set(terms) == {"main", "aux", "total"}
     torch.testing.assert_close(terms["total"], terms["main"] + 0.4 * terms["aux"])
@@ -41,10 +33,7 @@ def test_contract():
     assert first.shape == (1, NUM_CLASSES, 65, 49)
     assert torch.equal(first, second)
     assert outputs["out"].shape[-2:] == outputs["aux"].shape[-2:] == (9, 7)  # OS8
-    ids = [id(p) for p in backbone + heads]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+    assert_param_groups_partition(model)
 
 
 @pytest.mark.parametrize("size", [(9, 7), (5, 3), (1, 1), (13, 8)])
