@@ -35,7 +35,7 @@ from wsseg.ops.instances import centroid_groups, instance_seeds, instances_from_
 from wsseg.stages import artifacts
 from wsseg.stages.make_cam import cam_power
 from wsseg.stages.mine_relations import crf_labels
-from wsseg.stages.synthesize_labels import _ground_truth_instances, walk_scores
+from wsseg.stages.synthesize_labels import _ground_truth_instances, instance_scores, walk_scores
 from wsseg.store import RunStore, atomic_path, write_json
 
 POWERS = (1.0, 1.25, 1.5, 2.0)  # multiplied with the relative-mode power when that mode is on
@@ -130,25 +130,18 @@ def measure(config: Config, store: RunStore, ids: list[str], grid: Grid, *, sema
             cam = torch.from_numpy(cams["cam"]).to(device) ** (base_power * power * config.labels.cam_power)
             if semantic:
                 planes, unit = walk_scores(cam, boundary, size, config)
+                unit = unit.cpu().numpy() if isinstance(unit, torch.Tensor) else unit
                 matrices = [acc.semantic.setdefault((power, b), ConfusionMatrix(len(config.data.classes) + 1))
                             for b in grid.backgrounds]
-                sweep_semantic(planes.cpu().numpy(), _numpy(unit), keys, truth, grid.backgrounds, matrices)
+                sweep_semantic(planes.cpu().numpy(), unit, keys, truth, grid.backgrounds, matrices)
             if instance and dataset.has_instances(image_id):
                 seeds, seed_classes, _ = instance_seeds(cam.cpu().numpy(), keys, groups)
-                if seeds.shape[0]:
-                    planes, unit = walk_scores(torch.from_numpy(seeds).to(device), boundary, size, config)
-                    planes, unit = planes.cpu().numpy(), _numpy(unit)
-                else:
-                    planes, unit = np.zeros((0, *size), np.float32), 1.0
+                planes, unit = instance_scores(seeds, boundary, size, config)
                 for b in grid.backgrounds:
                     prediction = instances_from_walk(planes, seed_classes, background=b * unit, normalise=False,
                                                      min_area_fraction=config.labels.min_instance_area)
                     acc.instances.setdefault((power, b), []).append(prediction)
     return acc
-
-
-def _numpy(unit: torch.Tensor | float) -> np.ndarray | float:
-    return unit.cpu().numpy() if isinstance(unit, torch.Tensor) else unit
 
 
 def f_half(precision: float, coverage: float) -> float:

@@ -109,22 +109,22 @@ def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Co
     groups = centroid_groups(displacement_np, num_steps=config.labels.displacement_steps,
                              centroid_threshold=config.labels.centroid_threshold)
     seeds, seed_classes, _ = instance_seeds(cam.cpu().numpy(), keys, groups)
-    ids, classes, scores = instances(seeds, seed_classes, boundary, size, config, config.labels.ins_background)
+    planes, unit = instance_scores(seeds, boundary, size, config)
+    ids, classes, scores = instances_from_walk(planes, seed_classes, background=config.labels.ins_background * unit,
+                                               normalise=False, min_area_fraction=config.labels.min_instance_area)
     segments, segments_info = panoptic_from_instances(ids, classes)
     return {"semantic": semantic, "ids": ids, "classes": classes, "scores": scores, "segments": segments,
             "segments_info": segments_info, "boundary": boundary.cpu().numpy(), "displacement": displacement_np,
             "groups": groups}
 
 
-def instances(seeds: np.ndarray, seed_classes: np.ndarray, boundary: torch.Tensor, size: tuple[int, int],
-              config: Config, background: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Instance ids, classes and scores from the (class, group) seeds walked along the boundary."""
+def instance_scores(seeds: np.ndarray, boundary: torch.Tensor, size: tuple[int, int],
+                    config: Config) -> tuple[np.ndarray, np.ndarray | float]:
+    """The (class, group) seeds (S, h, w) walked: (scores (S, H, W), unit) as `walk_scores`, in numpy."""
     if not seeds.shape[0]:
-        return instances_from_walk(np.zeros((0, *size), np.float32), seed_classes)
+        return np.zeros((0, *size), np.float32), 1.0
     scores, unit = walk_scores(torch.from_numpy(seeds).to(boundary.device), boundary, size, config)
-    plane = background * (unit.cpu().numpy() if isinstance(unit, torch.Tensor) else unit)
-    return instances_from_walk(scores.cpu().numpy(), seed_classes, background=plane, normalise=False,
-                               min_area_fraction=config.labels.min_instance_area)
+    return scores.cpu().numpy(), (unit.cpu().numpy() if isinstance(unit, torch.Tensor) else unit)
 
 
 def run(ctx: StageContext) -> dict:
