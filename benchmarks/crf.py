@@ -34,6 +34,7 @@ from run_all import (REPO, emit, fmt, header, load_average, peak_mib, max_rss_kb
 from wsseg.config import load_config
 from wsseg.ops.crf import crf_from_labels
 from wsseg.ops.instances import centroid_groups
+from wsseg.checkpoints import load_checkpoint
 from wsseg.stages import artifacts
 from wsseg.stages.mine_relations import relation_labels, relation_path
 from wsseg.store import RunStore
@@ -65,12 +66,12 @@ def mine_one(config, run_dir: str, power: float, image_id: str) -> float:
 def worker_mine(args) -> dict:
     from joblib import Parallel, delayed
 
-    from wsseg.stages.make_cam import cam_power
+    from wsseg.stages.make_cam import cam_power, read_levels
 
     config = config_for(Path(args.run_dir))
     store = RunStore(args.run_dir)
     ids = artifacts.image_ids(config, "data.label_list")[: args.count]
-    power = cam_power(config, store) if (store.record("cams") or {}).get("metrics") else 1.0
+    power = cam_power(config, store) if read_levels(store) else 1.0
     work = functools.partial(mine_one, config, args.run_dir, power)
     baseline = max_rss_kb()
     if args.workers <= 1:
@@ -105,7 +106,7 @@ def worker_cams(args) -> dict:
     model = build_network(config, load_pretrained=False)
     trained = DEMO_RUN / "cam" / "model.pt"
     if trained.exists():
-        model.load_state_dict(artifacts.load_torch(trained, "the demo CAM network")["model"])
+        model.load_state_dict(load_checkpoint(trained, "the demo CAM network")["model"])
     dataset = artifacts.open_dataset(config)
     made = 0
     for image_id in artifacts.image_ids(config, "data.label_list")[: args.count]:

@@ -63,7 +63,7 @@ from wsseg.data.transforms import normalize
 from wsseg.data.voc import VOCDataset, read_id_list
 from wsseg.models.backbones import ResNet
 from wsseg.models.cam import CPU_PAIR_MAX_PIXELS, CAMNet, inference_network, multiscale_cams
-from wsseg.stages.artifacts import load_torch
+from wsseg.checkpoints import load_checkpoint
 from wsseg.stages.train_cam import CAM_STRIDES, build_network
 
 SECTION = "Make-cam"
@@ -155,7 +155,7 @@ class Inputs:
             config = load_config([DEMO_CONFIG])
             self.model = build_network(config, load_pretrained=False)
             if model_path:
-                self.model.load_state_dict(load_torch(Path(model_path), "the demo CAM network")["model"])
+                self.model.load_state_dict(load_checkpoint(Path(model_path), "the demo CAM network")["model"])
             self.dataset = VOCDataset(REPO / config.data.root, config.data.classes)
             self.ids = read_id_list(self.dataset.root, config.data.train_list)
         else:

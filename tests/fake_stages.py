@@ -6,18 +6,9 @@ items <- cam.scales, last <- labels.beta.
 """
 
 import time
-import types
 
+from wsseg.stage import Stage
 from wsseg.store import atomic_path
-
-
-def _module(name, needs, sections, outputs, run, **extra):
-    module = types.ModuleType(name)
-    module.NAME, module.NEEDS, module.SECTIONS, module.VERSION, module.OUTPUTS = name, needs, sections, 1, outputs
-    module.run = run
-    for key, value in extra.items():
-        setattr(module, key, value)
-    return module
 
 
 def _run_first(ctx):
@@ -57,7 +48,8 @@ def _run_last(ctx):
     return {"metrics": {"score": 1.0}}
 
 
-FIRST = _module("first", (), ("cam.epochs",), ("first",), _run_first, HEADLINE="loss")
-ITEMS = _module("items", ("first",), ("cam.scales",), ("items",), _run_items, count_done=_count_items)
-LAST = _module("last", ("first", "items"), ("labels.beta",), ("last",), _run_last)
-STAGES = [FIRST, ITEMS, LAST]
+FIRST = Stage(name="first", help="one file", run=_run_first, outputs=("first",), reads=("cam.epochs",), headline="loss")
+ITEMS = Stage(name="items", help="one file per item", run=_run_items, outputs=("items",), needs=("first",),
+              reads=("cam.scales",), count_done=_count_items)
+LAST = Stage(name="last", help="reads both", run=_run_last, outputs=("last",), needs=("first", "items"), reads=("labels.beta",))
+STAGES = (FIRST, ITEMS, LAST)

@@ -17,7 +17,7 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture
 def fakes(monkeypatch):
-    monkeypatch.setattr(pipeline, "available_stages", lambda: list(fake_stages.STAGES))
+    monkeypatch.setattr(pipeline, "STAGES", fake_stages.STAGES)
     return fake_stages
 
 
@@ -86,7 +86,7 @@ sys.path.insert(0, {tests!r})
 import fake_stages
 from wsseg import pipeline
 from wsseg.config import load_config
-pipeline.available_stages = lambda: list(fake_stages.STAGES)
+pipeline.STAGES = fake_stages.STAGES
 config = load_config([], ["run.dir={run}", "run.device=cpu"])
 pipeline.run_stage(fake_stages.FIRST, config)
 pipeline.run_stage(fake_stages.ITEMS, config)
@@ -111,8 +111,8 @@ def test_killed_per_item_stage_resumes_without_redoing_finished_items(tmp_path):
 
     config = config_for(run)
     import fake_stages as fs  # the same module the subprocess used
-    original = pipeline.available_stages
-    pipeline.available_stages = lambda: list(fs.STAGES)
+    original = pipeline.STAGES
+    pipeline.STAGES = fs.STAGES
     try:
         table = states(config)
         assert table["items"].state == "partial"
@@ -121,7 +121,7 @@ def test_killed_per_item_stage_resumes_without_redoing_finished_items(tmp_path):
         computed_before = (run / "computed.log").read_text().split()
         pipeline.run_stage(fs.ITEMS, config)
     finally:
-        pipeline.available_stages = original
+        pipeline.STAGES = original
     computed_after = (run / "computed.log").read_text().split()[len(computed_before):]
     finished_indices = {str(int(name[:4])) for name in finished}
     assert not finished_indices & set(computed_after)  # nothing finished was redone

@@ -32,7 +32,7 @@ from wsseg.errors import UserError
 from wsseg.metrics import ConfusionMatrix, instance_average_precision
 from wsseg.models.irn import boundary_inference
 from wsseg.ops.instances import centroid_groups, instance_seeds, instances_from_walk
-from wsseg.stages import artifacts
+from wsseg.stages import artifacts, make_cam, train_irn
 from wsseg.stages.make_cam import cam_power
 from wsseg.stages.mine_relations import crf_labels
 from wsseg.stages.synthesize_labels import _ground_truth_instances, instance_scores, walk_scores
@@ -96,10 +96,8 @@ def _walks(model, image, cams, config, device, power):
 def measure(config: Config, store: RunStore, ids: list[str], grid: Grid, *, semantic: bool, instance: bool,
             relations: bool, device: torch.device, progress=None) -> Accumulator:
     """Run every candidate on `ids` (cached CAMs, trained IRN), accumulating the metrics' raw counts."""
-    from wsseg.stages.train_irn import load_network
-
     dataset = artifacts.open_dataset(config)
-    model = load_network(config, store).to(device) if (semantic or instance) else None
+    model = train_irn.load_network(config, store).to(device) if (semantic or instance) else None
     base_power = cam_power(config, store)
     acc = Accumulator()
     for image_id in (progress(ids, desc="calibrate") if progress else ids):
@@ -172,10 +170,10 @@ def _best(table: dict, value=lambda v: v):
 def calibrate(config: Config, *, images: int = 100, metric: str = "both", holdout: int = 200, device: torch.device,
               progress=None) -> dict:
     store = RunStore(Path(config.run.dir))
-    for folder, stage in (("cams", "make-cam"), ("irn", "train-irn")):
-        record = store.record(folder)
+    for stage in (make_cam.STAGE, train_irn.STAGE):
+        record = store.record(stage.record_folder(config))
         if record is None or record.get("status") != "complete":
-            raise UserError(f"calibrate reuses the trained networks and CAMs: run `wsseg run-all --to {stage}` first")
+            raise UserError(f"calibrate reuses the trained networks and CAMs: run `wsseg run-all --to {stage.name}` first")
     dataset = artifacts.open_dataset(config)
     ids = [i for i in artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.eval_list"))
            if artifacts.cam_path(store, i).exists()]

@@ -91,7 +91,41 @@ def main() -> None:
         _fail(f"unexpected failure: {type(error).__name__}: {error} (run again with --debug for the traceback)", 1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The commands below plus one per stage of the pipeline (wsseg/pipeline.py's STAGES).
+
+    The stage list is read when a command is looked up, not when this module is imported,
+    so that `wsseg demo-data` and a mistyped command stay quick."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from wsseg import pipeline
+
+        return sorted({*super().list_commands(ctx), *(stage.name for stage in pipeline.STAGES)})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        from wsseg import pipeline
+
+        stage = next((s for s in pipeline.STAGES if s.name == name), None)
+        return None if stage is None else _stage_command(stage)
+
+
+class _EvaluationChoice(click.Choice):
+    """`eval --stage`'s choices: the evaluators the stages declare, read when needed."""
+
+    def __init__(self) -> None:  # no super().__init__: the choices are computed
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from wsseg import pipeline
+
+        return tuple(pipeline.evaluation_names())
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
     """wsseg: image tags -> pixel labels (IRN) -> trained segmenters."""
@@ -135,30 +169,19 @@ def _with_lock(config, function):
             torch.distributed.destroy_process_group()
 
 
-def _make_stage_command(name: str, help_text: str):
-    @cli.command(name=name, help=help_text)
+def _stage_command(stage) -> click.Command:
+    """`wsseg <stage> --config ... [--force]`: run one stage if it is not up to date."""
+
+    @click.command(name=stage.name, help=stage.help)
     @config_options
     @click.option("--force", is_flag=True, help="Rerun even if up to date.")
     def command(config, force: bool) -> None:
-        from wsseg.pipeline import format_status, run_stage, stage_by_name, status
+        from wsseg.pipeline import format_status, run_stage, status
 
-        stage = stage_by_name(name)
         _with_lock(config, lambda dist: run_stage(stage, config, force=force, dist=dist))
-        click.echo(format_status([s for s in status(config) if s.name == name]))
+        click.echo(format_status([s for s in status(config) if s.name == stage.name]))
 
     return command
-
-
-_STAGE_HELP = {
-    "train-cam": "Train the classification network whose CAMs seed everything.",
-    "make-cam": "Multi-scale + flip CAMs for every image (cams/<id>.npz).",
-    "mine-relations": "Confident foreground/background/unsure maps with DenseCRF.",
-    "train-irn": "Train IRN's boundary and displacement heads.",
-    "synthesize-labels": "Random walk + displacement: semantic, instance and panoptic labels.",
-    "train-segmenter": "Train a fully supervised segmenter on the synthesized labels.",
-}
-for _name, _help in _STAGE_HELP.items():
-    _make_stage_command(_name, _help)
 
 
 @cli.command("run-all")
@@ -197,38 +220,21 @@ def status_command(config) -> None:
     click.echo(format_status(status(config)))
 
 
-# `eval --stage X` -> (stage module, its evaluate function's folder of metrics)
-EVAL_STAGES = {
-    "cams": "make_cam",
-    "relations": "mine_relations",
-    "semantic": "synthesize_labels",
-    "instance": "synthesize_labels",
-    "panoptic": "synthesize_labels",
-    "segmenter": "train_segmenter",
-}
-
-
 @cli.command("eval")
 @config_options
-@click.option("--stage", "which", required=True, type=click.Choice(list(EVAL_STAGES)), help="What to evaluate.")
+@click.option("--stage", "which", required=True, type=_EvaluationChoice(), help="What to evaluate.")
 def eval_command(config, which: str) -> None:
     """Evaluate cached artifacts against the ground truth (no recomputation)."""
-    import importlib
     import json
 
     from wsseg.context import Progress
-    from wsseg.pipeline import outputs_of
+    from wsseg.pipeline import evaluator_by_name
     from wsseg.store import RunStore
 
-    try:
-        module = importlib.import_module(f"wsseg.stages.{EVAL_STAGES[which]}")
-    except ModuleNotFoundError:
-        raise UserError(f"eval --stage {which}: that stage is not part of this version of wsseg yet") from None
+    stage, evaluate = evaluator_by_name(which)
     store = RunStore(Path(config.run.dir))
-    record = store.record(outputs_of(module, config)[0])
-    if record is None:
-        raise UserError(f"eval --stage {which}: {module.NAME} has not run in {config.run.dir}; run `wsseg {module.NAME}` first")
-    evaluate = getattr(module, "evaluate_" + which, None) or module.evaluate
+    if store.record(stage.record_folder(config)) is None:
+        raise UserError(f"eval --stage {which}: {stage.name} has not run in {config.run.dir}; run `wsseg {stage.name}` first")
     metrics = evaluate(config, store, lambda items, desc: Progress(items, None, desc))
     click.echo(json.dumps(metrics, indent=2))
 

@@ -1,29 +1,24 @@
 """`wsseg inspect`: one PNG panel per image showing what every finished stage produced,
 plus an index.html gallery with the stage metrics on top.
 
-Each stage contributes tiles from its cached artifacts (nothing is recomputed); a stage
-that has not run yet simply adds nothing. `--worst K` picks the K images whose labels
-disagree most with the ground truth.
+Each stage contributes tiles from its cached artifacts through its `inspect_tiles(view)`
+(nothing is recomputed); a stage that has not run yet simply adds nothing. `--worst K`
+picks the K images whose labels disagree most with the ground truth.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from wsseg import viz
+from wsseg import pipeline, viz
 from wsseg.config import Config
 from wsseg.data.voc import VOCDataset
 from wsseg.metrics import ConfusionMatrix
-from wsseg.pipeline import available_stages, outputs_of
 from wsseg.stages import artifacts
 from wsseg.store import RunStore
-
-TileMaker = Callable[["ImageView"], list[np.ndarray]]
-
 
 class ImageView:
     """One image's inputs and cached artifacts, loaded lazily."""
@@ -53,35 +48,6 @@ class ImageView:
         return viz.tile(title, colors, legend=legend or None)
 
 
-def cam_tiles(view: ImageView) -> list[np.ndarray]:
-    from wsseg.stages.make_cam import cam_label_map
-
-    cams = artifacts.read_cams(artifacts.cam_path(view.store, view.id))
-    if cams is None:
-        return []
-    tiles = []
-    for channel, key in enumerate(cams["keys"]):
-        tiles.append(viz.tile(f"CAM {view.names[key]}", viz.cam_overlay(view.image, cams["high_res"][channel])))
-    threshold = view.config.cam.eval_threshold
-    otsu = ((view.store.record("cams") or {}).get("metrics") or {}).get("otsu_threshold")
-    if view.config.cam.threshold_mode == "relative" and otsu:
-        threshold = otsu  # eval_threshold on CAM^γ is the Otsu level on the CAM
-    tiles.append(view.labels_tile(f"CAM labels (bg {threshold:.2f}, {view.config.cam.threshold_mode})",
-                                  cam_label_map(cams, threshold)))
-    return tiles
-
-
-# Stage name -> the function drawing its tiles. Later stages add one line each.
-TILES: dict[str, TileMaker] = {
-    "make-cam": cam_tiles,
-}
-
-
-def extra_tiles() -> dict[str, TileMaker]:
-    """Tiles contributed by stage modules that define `inspect_tiles(view)`."""
-    return {stage.NAME: stage.inspect_tiles for stage in available_stages() if hasattr(stage, "inspect_tiles")}
-
-
 def compare_tiles(view: ImageView, other: Config, model) -> list[np.ndarray]:
     """Labels of this image recomputed under another config (e.g. calibrated thresholds), from the
     cached CAMs and the trained IRN. Walk-time keys apply exactly; relation thresholds would need
@@ -108,28 +74,27 @@ def panel_for(view: ImageView, compare: tuple[Config, object] | None = None) -> 
 
         segments, categories, _ = ground_truth_segments(view.dataset, view.id)
         tiles.append(view.segments_tile("ground truth panoptic", segments, categories))
-    makers = {**TILES, **extra_tiles()}
-    for stage in available_stages():
-        maker = makers.get(stage.NAME)
-        if maker is not None:
-            tiles.extend(maker(view))
+    for stage in pipeline.STAGES:
+        if stage.inspect_tiles is not None:
+            tiles.extend(stage.inspect_tiles(view))
     if compare is not None:
         tiles.extend(compare_tiles(view, *compare))
     return viz.panel(tiles, columns=4)
 
 
 def disagreement(view: ImageView) -> float | None:
-    """1 - mIoU of the most refined labels available for this image (None without ground truth)."""
+    """1 - mIoU of the most refined labels available for this image: those of the last stage
+    that makes a label map and has one for it (None without ground truth)."""
     if view.ground_truth is None:
         return None
-    labels = artifacts.read_labels(view.store.folder("labels") / "semantic" / f"{view.id}.png")
+    labels = None
+    for stage in reversed(pipeline.STAGES):
+        if stage.label_map is not None:
+            labels = stage.label_map(view.config, view.store, view.id)
+            if labels is not None:
+                break
     if labels is None:
-        from wsseg.stages.make_cam import cam_label_map
-
-        cams = artifacts.read_cams(artifacts.cam_path(view.store, view.id))
-        if cams is None:
-            return None
-        labels = cam_label_map(cams, view.config.cam.eval_threshold)
+        return None
     matrix = ConfusionMatrix(len(view.names) + 1)
     matrix.update(labels, view.ground_truth)
     miou = matrix.summary()["miou"]
@@ -138,13 +103,13 @@ def disagreement(view: ImageView) -> float | None:
 
 def stage_metrics(config: Config, store: RunStore) -> dict[str, dict[str, float | str]]:
     table: dict[str, dict[str, float | str]] = {}
-    for stage in available_stages():
-        record = store.record(outputs_of(stage, config)[0])
+    for stage in pipeline.STAGES:
+        record = store.record(stage.record_folder(config))
         if not record or not record.get("metrics"):
             continue
         flat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record["metrics"].items()
                 if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-        table[stage.NAME] = flat
+        table[stage.name] = flat
     return table
 
 

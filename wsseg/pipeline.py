@@ -1,11 +1,11 @@
 """The ordered stages, their fingerprints, running one stage, `run-all` and `status`.
 
-A stage module has NAME, NEEDS, SECTIONS (config selectors that change its result),
-VERSION, OUTPUTS (folders it owns; the first holds its record) and `run(ctx) -> dict`.
-Optional: HEADLINE (the metric `status` shows) and `count_done(ctx) -> (done, total)`.
+STAGES below is the pipeline: one line per stage, each the `Stage` object its module in
+wsseg/stages/ declares (wsseg/stage.py lists what a stage declares). The commands,
+`status`, `report`, `eval` and `inspect` are all derived from this list.
 
-Fingerprint = hash(NAME, VERSION, the selected config values, the content of the
-image lists it reads, the fingerprints of its NEEDS). A complete record with the same
+Fingerprint = hash(name, version, the selected config values, the content of the image
+lists it reads, the fingerprints of its needs). A complete record with the same
 fingerprint is up to date; a different one is stale and its outputs are removed before
 the stage runs again; a `running` record with the same fingerprint is resumed.
 """
@@ -13,58 +13,54 @@ the stage runs again; a `running` record with the same fingerprint is resumed.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import secrets
 import socket
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from wsseg.config import SECTIONS as CONFIG_SECTIONS
 from wsseg.config import Config
 from wsseg.context import Distributed, StageContext, resolve_device
 from wsseg.errors import UserError
+from wsseg.stage import Stage, check_stages
+from wsseg.stages import make_cam, mine_relations, synthesize_labels, train_cam, train_irn, train_segmenter
 from wsseg.store import RunLock, RunStore, canonical_json, check_run_dir_is_safe, digest, remove_temporaries
 
 log = logging.getLogger("wsseg")
 
-# The pipeline, in order. One line per stage: the module in wsseg/stages/.
-STAGE_MODULES = (
-    "train_cam",
-    "make_cam",
-    "mine_relations",
-    "train_irn",
-    "synthesize_labels",
-    "train_segmenter",
+# The pipeline, in order.
+STAGES: tuple[Stage, ...] = (
+    train_cam.STAGE,
+    make_cam.STAGE,
+    mine_relations.STAGE,
+    train_irn.STAGE,
+    synthesize_labels.STAGE,
+    train_segmenter.STAGE,
 )
+check_stages(STAGES)
 
 
-def available_stages() -> list[ModuleType]:
-    """The stage modules that exist in this checkout, in pipeline order."""
-    stages = []
-    for name in STAGE_MODULES:
-        try:
-            stages.append(importlib.import_module(f"wsseg.stages.{name}"))
-        except ModuleNotFoundError as error:
-            if error.name != f"wsseg.stages.{name}":
-                raise
-    return stages
-
-
-def stage_by_name(name: str) -> ModuleType:
-    for stage in available_stages():
-        if stage.NAME == name:
+def stage_by_name(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
             return stage
-    names = ", ".join(s.NAME for s in available_stages())
+    names = ", ".join(s.name for s in STAGES)
     raise UserError(f"unknown stage {name!r}; stages are: {names}")
 
 
-def outputs_of(stage: ModuleType, config: Config) -> tuple[str, ...]:
-    outputs = stage.OUTPUTS
-    return tuple(outputs(config) if callable(outputs) else outputs)
+def evaluator_by_name(name: str) -> tuple[Stage, Any]:
+    """The stage that owns `eval --stage NAME`, and its evaluate function."""
+    for stage in STAGES:
+        if name in stage.evaluators:
+            return stage, stage.evaluators[name]
+    raise UserError(f"eval --stage {name}: choose one of {', '.join(evaluation_names())}")
+
+
+def evaluation_names() -> list[str]:
+    return [name for stage in STAGES for name in stage.evaluators]
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -95,9 +91,9 @@ def _list_digests(config: Config, keys: list[str]) -> dict[str, str]:
     return {key: digest(read_id_list(root, config.get(key), key=key)) for key in keys}
 
 
-def stage_inputs(stage: ModuleType, config: Config) -> dict[str, Any]:
+def stage_inputs(stage: Stage, config: Config) -> dict[str, Any]:
     """What the fingerprint covers, as readable key -> value pairs (status diffs them)."""
-    values = selected_config(config, stage.SECTIONS)
+    values = selected_config(config, stage.selectors(config))
     if "data.root" in values:
         values["data.root"] = str(Path(values["data.root"]).resolve())
     list_keys = [k for k in values if k.startswith("data.") and k.endswith("_list")]
@@ -106,12 +102,12 @@ def stage_inputs(stage: ModuleType, config: Config) -> dict[str, Any]:
     return json.loads(canonical_json(values))  # the form the record stores (tuples become lists)
 
 
-def fingerprint(stage: ModuleType, config: Config, _cache: dict | None = None) -> str:
+def fingerprint(stage: Stage, config: Config, _cache: dict | None = None) -> str:
     cache = {} if _cache is None else _cache
-    if stage.NAME not in cache:
-        needs = {need: fingerprint(stage_by_name(need), config, cache) for need in stage.NEEDS}
-        cache[stage.NAME] = digest({"stage": stage.NAME, "version": stage.VERSION, "inputs": stage_inputs(stage, config), "needs": needs})
-    return cache[stage.NAME]
+    if stage.name not in cache:
+        needs = {need: fingerprint(stage_by_name(need), config, cache) for need in stage.needs}
+        cache[stage.name] = digest({"stage": stage.name, "version": stage.version, "inputs": stage_inputs(stage, config), "needs": needs})
+    return cache[stage.name]
 
 
 # ---------------------------------------------------------------------------- state
@@ -126,29 +122,29 @@ class StageState:
     headline: str = ""
 
 
-def _stale_reason(record: dict, stage: ModuleType, config: Config, store: RunStore) -> str:
-    if record.get("version") != stage.VERSION:
-        return f"stage version {record.get('version')} -> {stage.VERSION}"
+def _stale_reason(record: dict, stage: Stage, config: Config, store: RunStore) -> str:
+    if record.get("version") != stage.version:
+        return f"stage version {record.get('version')} -> {stage.version}"
     old = record.get("inputs", {})
     new = stage_inputs(stage, config)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
         shown = ", ".join(k.replace("#content", " (list content)") for k in changed[:3])
         return f"changed: {shown}" + (" ..." if len(changed) > 3 else "")
-    for need in stage.NEEDS:
-        upstream = store.record(outputs_of(stage_by_name(need), config)[0])
-        if upstream is None or upstream.get("token") != record.get("needs", {}).get(need):
+    for need in stage.needs:
+        if not _need_unchanged(record, need, config, store):
             return f"{need} was rerun"
     return "upstream changed"
 
 
-def stage_state(stage: ModuleType, config: Config, store: RunStore, cache: dict | None = None) -> StageState:
-    record = store.record(outputs_of(stage, config)[0])
-    state = StageState(stage.NAME, "missing")
+def stage_state(stage: Stage, config: Config, store: RunStore, cache: dict | None = None) -> StageState:
+    record = store.record(stage.record_folder(config))
+    state = StageState(stage.name, "missing")
     if record is None:
         return state
     state.seconds = record.get("seconds")
-    current = record.get("fingerprint") == fingerprint(stage, config, cache) and _needs_unchanged(record, stage, config, store)
+    current = record.get("fingerprint") == fingerprint(stage, config, cache) and all(
+        _need_unchanged(record, need, config, store) for need in stage.needs)
     if not current:
         state.state, state.reason = "stale", _stale_reason(record, stage, config, store)
     elif record.get("status") == "complete":
@@ -156,7 +152,7 @@ def stage_state(stage: ModuleType, config: Config, store: RunStore, cache: dict 
     else:
         state.state = "partial"
     items = record.get("items")
-    if state.state == "partial" and hasattr(stage, "count_done"):
+    if state.state == "partial" and stage.count_done is not None:
         try:
             done, total = stage.count_done(config, store)
             items = {"done": done, "total": total}
@@ -164,7 +160,7 @@ def stage_state(stage: ModuleType, config: Config, store: RunStore, cache: dict 
             pass
     if isinstance(items, dict):
         state.items = f"{items.get('done', 0)}/{items.get('total', 0)}"
-    headline = getattr(stage, "HEADLINE", None)
+    headline = stage.headline
     metrics = record.get("metrics") or {}
     if headline and headline in metrics and metrics[headline] is not None:
         value = metrics[headline]
@@ -172,12 +168,10 @@ def stage_state(stage: ModuleType, config: Config, store: RunStore, cache: dict 
     return state
 
 
-def _needs_unchanged(record: dict, stage: ModuleType, config: Config, store: RunStore) -> bool:
-    for need in stage.NEEDS:
-        upstream = store.record(outputs_of(stage_by_name(need), config)[0])
-        if upstream is None or upstream.get("token") != record.get("needs", {}).get(need):
-            return False
-    return True
+def _need_unchanged(record: dict, need: str, config: Config, store: RunStore) -> bool:
+    """Whether the upstream stage `need` is still the run this record was made from."""
+    upstream = store.record(stage_by_name(need).record_folder(config))
+    return upstream is not None and upstream.get("token") == record.get("needs", {}).get(need)
 
 
 # ---------------------------------------------------------------------------- running
@@ -189,36 +183,36 @@ def prepare_run_dir(config: Config) -> RunStore:
     return RunStore(run_dir)
 
 
-def run_stage(stage: ModuleType, config: Config, *, force: bool = False, dist: Distributed | None = None) -> dict:
+def run_stage(stage: Stage, config: Config, *, force: bool = False, dist: Distributed | None = None) -> dict:
     """Run one stage if it is not up to date; returns its record."""
     dist = dist or Distributed()
     store = prepare_run_dir(config)
-    outputs = outputs_of(stage, config)
+    outputs = stage.output_folders(config)
     fp = fingerprint(stage, config)
     record = store.record(outputs[0])
 
     upstream_tokens = {}
-    for need in stage.NEEDS:
+    for need in stage.needs:
         need_stage = stage_by_name(need)
         need_state = stage_state(need_stage, config, store)
         if need_state.state != "done":
             raise UserError(
-                f"{stage.NAME} needs {need}, which is {need_state.state}"
+                f"{stage.name} needs {need}, which is {need_state.state}"
                 f"{' (' + need_state.reason + ')' if need_state.reason else ''}; run `wsseg {need}` or `wsseg run-all` first"
             )
-        upstream_tokens[need] = store.record(outputs_of(need_stage, config)[0])["token"]
+        upstream_tokens[need] = store.record(need_stage.record_folder(config))["token"]
 
     up_to_date = (
         record is not None and record.get("status") == "complete" and record.get("fingerprint") == fp
         and record.get("needs", {}) == upstream_tokens
     )
     if up_to_date and not force:
-        bad = stage.damaged(config, store) if hasattr(stage, "damaged") else []  # every rank: all must agree
+        bad = stage.damaged(config, store) if stage.damaged is not None else []  # every rank: all must agree
         if not bad:
-            log.info("%s: up to date, skipped", stage.NAME)
+            log.info("%s: up to date, skipped", stage.name)
             return record
         # A file of a finished stage is missing or damaged (a full disk, a hand edit): redo just those.
-        log.warning("%s: %d output file(s) missing or damaged (e.g. %s); recomputing them", stage.NAME, len(bad), bad[0])
+        log.warning("%s: %d output file(s) missing or damaged (e.g. %s); recomputing them", stage.name, len(bad), bad[0])
         record["status"] = "running"
         if dist.is_main:
             store.write_record(outputs[0], record)
@@ -229,18 +223,18 @@ def run_stage(stage: ModuleType, config: Config, *, force: bool = False, dist: D
     )
     if dist.is_main:
         if resuming:
-            log.info("%s: resuming an interrupted run", stage.NAME)
+            log.info("%s: resuming an interrupted run", stage.name)
         else:
             if record is not None or any(store.folder(o).exists() for o in outputs):
-                log.info("%s: %s, removing its old outputs", stage.NAME, "forced" if force else "stale")
+                log.info("%s: %s, removing its old outputs", stage.name, "forced" if force else "stale")
             for output in outputs:
                 store.clear(output)
         for output in outputs:
             remove_temporaries(store.folder(output))
         previous_seconds = float(record.get("seconds", 0.0)) if resuming and record else 0.0
         record = {
-            "stage": stage.NAME,
-            "version": stage.VERSION,
+            "stage": stage.name,
+            "version": stage.version,
             "fingerprint": fp,
             "status": "running",
             "inputs": stage_inputs(stage, config),
@@ -254,9 +248,9 @@ def run_stage(stage: ModuleType, config: Config, *, force: bool = False, dist: D
     dist.barrier()
 
     device = resolve_device(config.run.device, dist.local_rank)
-    ctx = StageContext(config=config, store=store, name=stage.NAME, device=device, dist=dist, force=force)
+    ctx = StageContext(config=config, store=store, name=stage.name, device=device, dist=dist, force=force)
     start = time.monotonic()
-    log.info("%s: running on %s%s", stage.NAME, device, f" (rank {dist.rank}/{dist.world_size})" if dist.enabled else "")
+    log.info("%s: running on %s%s", stage.name, device, f" (rank {dist.rank}/{dist.world_size})" if dist.enabled else "")
     metrics = stage.run(ctx) or {}
     dist.barrier()
     elapsed = time.monotonic() - start
@@ -273,19 +267,18 @@ def run_stage(stage: ModuleType, config: Config, *, force: bool = False, dist: D
             if extra in metrics:
                 record[extra] = metrics[extra]
         store.write_record(outputs[0], record)
-        log.info("%s: done in %.1fs", stage.NAME, elapsed)
+        log.info("%s: done in %.1fs", stage.name, elapsed)
     dist.barrier()
     return store.record(outputs[0]) or record
 
 
-def stages_between(start: str | None, stop: str | None) -> list[ModuleType]:
-    stages = available_stages()
-    names = [s.NAME for s in stages]
-    first = names.index(stage_by_name(start).NAME) if start else 0
-    last = names.index(stage_by_name(stop).NAME) if stop else len(stages) - 1
+def stages_between(start: str | None, stop: str | None) -> list[Stage]:
+    names = [s.name for s in STAGES]
+    first = names.index(stage_by_name(start).name) if start else 0
+    last = names.index(stage_by_name(stop).name) if stop else len(STAGES) - 1
     if first > last:
         raise UserError(f"--from {start} comes after --to {stop}")
-    return stages[first : last + 1]
+    return list(STAGES[first : last + 1])
 
 
 def run_all(config: Config, *, start: str | None = None, stop: str | None = None, force: bool = False,
@@ -294,7 +287,7 @@ def run_all(config: Config, *, start: str | None = None, stop: str | None = None
     dist = dist or Distributed()
     selected = stages_between(start, stop)
     for index, stage in enumerate(selected, 1):
-        log.info("[%d/%d] %s", index, len(selected), stage.NAME)
+        log.info("[%d/%d] %s", index, len(selected), stage.name)
         run_stage(stage, config, force=force, dist=dist)
     return status(config)
 
@@ -303,10 +296,10 @@ def status(config: Config) -> list[StageState]:
     store = RunStore(Path(config.run.dir))
     cache: dict = {}
     states = []
-    for stage in available_stages():
+    for stage in STAGES:
         state = stage_state(stage, config, store, cache)
-        if state.state == "missing" and any(s.state != "done" and s.name in stage.NEEDS for s in states):
-            state.reason = "waits for " + ", ".join(n for n in stage.NEEDS if any(s.name == n and s.state != "done" for s in states))
+        if state.state == "missing" and any(s.state != "done" and s.name in stage.needs for s in states):
+            state.reason = "waits for " + ", ".join(n for n in stage.needs if any(s.name == n and s.state != "done" for s in states))
         states.append(state)
     return states
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsseg.context import StageContext
 from wsseg.errors import RunFailure, UserError
-from wsseg.stages.artifacts import load_torch, save_torch
+from wsseg.checkpoints import load_checkpoint, save_checkpoint
 
 LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 
@@ -109,7 +109,7 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
     result = TrainResult()
     start_epoch = 0
     if checkpoint.exists():
-        state = load_torch(checkpoint, "training checkpoint")
+        state = load_checkpoint(checkpoint, "training checkpoint")
         if state.get("phase") == phase:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -168,7 +168,7 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
         ctx.log.info("%s: %s epoch %d/%d %s", ctx.name, phase, epoch + 1, epochs,
                      " ".join(f"{k} {v:.4f}" for k, v in means.items()))
         if ctx.dist.is_main:
-            save_torch(checkpoint, {"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
+            save_checkpoint(checkpoint, {"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict(), "curves": result.curves})
         ctx.dist.barrier()
     result.steps = max_steps

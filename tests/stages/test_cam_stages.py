@@ -68,7 +68,7 @@ def slow_write(*args):  # a wide, load-independent window for the kill
     _write(*args)
 make_cam.write_cams = slow_write
 config = tiny_config({data!r}, {run!r})
-pipeline.run_stage(make_cam, config)
+pipeline.run_stage(make_cam.STAGE, config)
 """
 
 
@@ -97,7 +97,7 @@ def test_killed_make_cam_resumes_with_identical_outputs(cam_run, tiny_data, tmp_
 
     config = tiny_config(tiny_data, run)
     assert {s.name: s.state for s in pipeline.status(config)}["make-cam"] == "partial"
-    pipeline.run_stage(make_cam, config)
+    pipeline.run_stage(make_cam.STAGE, config)
     for name, mtime in done_before.items():
         assert (cams / name).stat().st_mtime_ns == mtime  # not recomputed
     for image_id in ids:
@@ -125,7 +125,7 @@ def test_damaged_cam_file_is_recomputed(cam_run, tmp_path):
     record = RunStore(run).record("cams")
     record["status"] = "running"
     RunStore(run).write_record("cams", record)
-    pipeline.run_stage(make_cam, config)
+    pipeline.run_stage(make_cam.STAGE, config)
     assert artifacts.read_cams(path) is not None
     assert np.array_equal(artifacts.read_cams(path)["high_res"],
                           artifacts.read_cams(artifacts.cam_path(RunStore(cam_run.run.dir), victim))["high_res"])

@@ -8,6 +8,7 @@ from PIL import Image
 
 from tiny import tiny_config
 from wsseg import pipeline
+from wsseg.checkpoints import load_checkpoint
 from wsseg.ops.panoptic import decode_ids
 from wsseg.stages import artifacts
 from wsseg.stages.mine_relations import relation_path
@@ -37,7 +38,7 @@ def test_train_irn_lowers_its_loss_and_stores_the_mean_displacement(labels_run):
     assert len(total) == labels_run.irn.epochs and total[-1] < total[0]
     for term in ("aff_bg_pos", "aff_fg_pos", "aff_neg", "disp_fg", "disp_bg"):
         assert term in record["curves"]
-    payload = artifacts.load_torch(store.folder("irn") / "model.pt", "irn")
+    payload = load_checkpoint(store.folder("irn") / "model.pt", "irn")
     assert payload["model"]["mean_displacement"].shape == (2,)
 
 
@@ -83,7 +84,7 @@ def test_interrupted_synthesis_redoes_only_missing_images(labels_run, tmp_path):
     record["status"] = "running"
     store.write_record("labels", record)
     assert {s.name: s.state for s in pipeline.status(config)}["synthesize-labels"] == "partial"
-    pipeline.run_stage(synthesize, config)
+    pipeline.run_stage(synthesize.STAGE, config)
     assert Paths(store, kept).semantic.stat().st_mtime_ns == kept_time
     original = RunStore(labels_run.run.dir)
     for image_id in removed:

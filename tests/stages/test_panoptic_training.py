@@ -32,7 +32,7 @@ def test_maxdeeplab_trains_on_panoptic_labels_and_reports_pq(labels_run):
     config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=maxdeeplab", "segmenter.labels=both",
                          "segmenter.eval_mode=single", "segmenter.num_slots=8", "segmenter.memory_channels=32",
                          "segmenter.pixel_dim=16", "segmenter.lr=0.001")
-    pipeline.run_stage(train_segmenter, config)
+    pipeline.run_stage(train_segmenter.STAGE, config)
     record = RunStore(config.run.dir).record("segmenter/maxdeeplab")
     for source in ("pseudo", "gt"):
         values = record["metrics"][source]
@@ -52,7 +52,7 @@ def test_panoptic_predictions_are_written_and_drawn(labels_run, tmp_path):
                          "segmenter.pixel_dim=16", "segmenter.lr=0.001")
     import wsseg.stages.train_segmenter as train_segmenter
 
-    pipeline.run_stage(train_segmenter, config)  # up to date (skipped) when the test above trained it
+    pipeline.run_stage(train_segmenter.STAGE, config)  # up to date (skipped) when the test above trained it
     store = RunStore(config.run.dir)
     val_id = artifacts.image_ids(config, "data.val_list")[0]
     predicted = read_panoptic(store.folder("segmenter/maxdeeplab/pseudo/panoptic"), val_id)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from tiny import ROOT, TINY, tiny_config
 from wsseg import pipeline
+from wsseg.checkpoints import load_checkpoint
 from wsseg.data.images import read_image
 from wsseg.errors import UserError
 from wsseg.stages import artifacts
@@ -25,8 +26,9 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from tiny import tiny_config
 from wsseg import pipeline
+from wsseg.checkpoints import load_checkpoint
 import wsseg.stages.train_cam as train_cam
-pipeline.run_stage(train_cam, tiny_config({data!r}, {run!r}, "cam.epochs=4"))
+pipeline.run_stage(train_cam.STAGE, tiny_config({data!r}, {run!r}, "cam.epochs=4"))
 """
 
 
@@ -44,7 +46,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_identical(tiny_dat
     import wsseg.stages.train_cam as train_cam
 
     reference = tmp_path / "reference"
-    pipeline.run_stage(train_cam, tiny_config(tiny_data, reference, "cam.epochs=4"))
+    pipeline.run_stage(train_cam.STAGE, tiny_config(tiny_data, reference, "cam.epochs=4"))
 
     run = tmp_path / "killed"
     script = tmp_path / "train.py"
@@ -60,7 +62,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_identical(tiny_dat
     epoch = torch.load(checkpoint, weights_only=True)["epoch"]
     assert 1 <= epoch < 4
 
-    pipeline.run_stage(train_cam, tiny_config(tiny_data, run, "cam.epochs=4"))
+    pipeline.run_stage(train_cam.STAGE, tiny_config(tiny_data, run, "cam.epochs=4"))
     resumed = torch.load(run / "cam" / "model.pt", weights_only=True)["model"]
     expected = torch.load(reference / "cam" / "model.pt", weights_only=True)["model"]
     for name, tensor in expected.items():
@@ -88,7 +90,7 @@ def test_malicious_checkpoint_is_refused_not_executed(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"model": Evil()}, path)
     with pytest.raises(UserError, match="cannot load"):
-        artifacts.load_torch(path, "the trained CAM network")
+        load_checkpoint(path, "the trained CAM network")
     from wsseg.models.backbones import ResNet, load_weights
 
     with pytest.raises(UserError):
@@ -108,7 +110,7 @@ def test_damaged_cam_is_recomputed_when_its_stage_reruns(cam_run, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     assert artifacts.read_cams(path) is None  # readers never trust it
     assert make_cam.damaged(config, RunStore(run)) == [victim]
-    pipeline.run_stage(make_cam, config)  # the complete stage notices and recomputes that one file
+    pipeline.run_stage(make_cam.STAGE, config)  # the complete stage notices and recomputes that one file
     assert artifacts.read_cams(path) is not None
 
 
@@ -146,14 +148,14 @@ def test_skip_mode_leaves_bad_images_out_and_reports_them(cam_run, tiny_data, tm
     shutil.copytree(RunStore(cam_run.run.dir).folder("cam"), run / "cam")
     config = tiny_config(data, run, "data.on_bad_image=skip")
     with pytest.raises(UserError):  # the copied record belongs to another dataset root: make it current first
-        pipeline.run_stage(make_cam, config)
+        pipeline.run_stage(make_cam.STAGE, config)
     import wsseg.stages.train_cam as train_cam
 
     record = RunStore(run).record("cam")
-    record["fingerprint"] = pipeline.fingerprint(train_cam, config)
-    record["inputs"] = pipeline.stage_inputs(train_cam, config)
+    record["fingerprint"] = pipeline.fingerprint(train_cam.STAGE, config)
+    record["inputs"] = pipeline.stage_inputs(train_cam.STAGE, config)
     RunStore(run).write_record("cam", record)
-    pipeline.run_stage(make_cam, config)
+    pipeline.run_stage(make_cam.STAGE, config)
     report = (run / "cams" / "skipped.json").read_text()
     assert victim in report and "empty" in report
     assert not (run / "cams" / f"{victim}.npz").exists()
@@ -194,8 +196,9 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from tiny import tiny_config
 from wsseg import pipeline
+from wsseg.checkpoints import load_checkpoint
 import importlib
-stage = importlib.import_module("wsseg.stages.{module}")
+stage = importlib.import_module("wsseg.stages.{module}").STAGE
 pipeline.run_stage(stage, tiny_config({data!r}, {run!r}, *{extra!r}), force=True)
 """
 
@@ -213,7 +216,7 @@ def test_every_stage_killed_mid_run_resumes_to_the_uninterrupted_result(labels_r
     """kill -9 a stage as soon as its first output exists; the rerun resumes and ends with the same files."""
     import importlib
 
-    stage = importlib.import_module(f"wsseg.stages.{module}")
+    stage = importlib.import_module(f"wsseg.stages.{module}").STAGE
     trigger, compared = KILL_CASES[module]
     extra = ["segmenter.iterations=40", "segmenter.eval_mode=single"] if module == "train_segmenter" else []
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -241,10 +244,10 @@ def test_every_stage_killed_mid_run_resumes_to_the_uninterrupted_result(labels_r
     process.kill()
     process.wait()
     config = tiny_config(labels_run.data.root, killed, *extra)
-    record = RunStore(killed).record(pipeline.outputs_of(stage, config)[0])
+    record = RunStore(killed).record(stage.record_folder(config))
     assert record is not None and record["status"] == "running"  # it really was interrupted
     pipeline.run_stage(stage, config)
-    assert RunStore(killed).record(pipeline.outputs_of(stage, config)[0])["status"] == "complete"
+    assert RunStore(killed).record(stage.record_folder(config))["status"] == "complete"
     expected = sorted(p.relative_to(reference) for p in reference.glob(compared))
     assert expected and sorted(p.relative_to(killed) for p in killed.glob(compared)) == expected
     for relative in expected:

@@ -12,7 +12,7 @@ def test_trains_on_pseudo_and_ground_truth_and_evaluates(labels_run, tmp_path):
     import wsseg.stages.train_segmenter as train_segmenter
 
     config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.labels=both")
-    pipeline.run_stage(train_segmenter, config)
+    pipeline.run_stage(train_segmenter.STAGE, config)
     store = RunStore(config.run.dir)
     record = store.record("segmenter/deeplab-v2")
     metrics = record["metrics"]
@@ -31,7 +31,7 @@ def test_trains_on_pseudo_and_ground_truth_and_evaluates(labels_run, tmp_path):
     assert states["train-segmenter"].state == "done"
     # another model trains beside it in the same run directory
     other = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=fcn8s", "segmenter.eval_mode=single")
-    pipeline.run_stage(train_segmenter, other)
+    pipeline.run_stage(train_segmenter.STAGE, other)
     assert (store.folder("segmenter/fcn8s/pseudo") / "model.pt").exists()
     assert (store.folder("segmenter/deeplab-v2/pseudo") / "model.pt").exists()
 
@@ -45,7 +45,7 @@ def test_predict_labels_a_folder_and_reports_a_corrupt_file(labels_run, tmp_path
     from wsseg.data.images import read_label_png
 
     config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=fcn8s", "segmenter.eval_mode=single")
-    pipeline.run_stage(train_segmenter, config)
+    pipeline.run_stage(train_segmenter.STAGE, config)
     images = tmp_path / "images"
     images.mkdir()
     ids = artifacts.image_ids(config, "data.val_list")[:2]

@@ -14,13 +14,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from wsseg.config import Config
 from wsseg.data.images import read_label_png, write_label_png
 from wsseg.data.voc import VOCDataset, read_id_list
 from wsseg.errors import UserError
-from wsseg.store import RunStore, atomic_path
+from wsseg.store import RunStore, atomic_path, read_json
 
 # ---------------------------------------------------------------------------- dataset
 
@@ -58,26 +57,6 @@ def ids_with_ground_truth(dataset: VOCDataset, ids: list[str]) -> list[str]:
     return kept
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def save_torch(path: Path, payload: dict) -> None:
-    """Write a checkpoint atomically (tensors, numbers, strings, lists and dicts only)."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_torch(path: Path, what: str) -> dict:
-    """Read a checkpoint written by wsseg; never unpickles arbitrary objects (weights_only)."""
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found; run the stage that makes it first")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any damage or a refused pickle is the same to the user
-        raise UserError(f"{path}: cannot load {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                        f"rerun the stage with --force") from None
-
-
 # ---------------------------------------------------------------------------- CAMs
 
 
@@ -106,34 +85,32 @@ def read_cams(path: Path) -> dict[str, np.ndarray] | None:
     return out
 
 
-def npz_looks_whole(path: Path) -> bool:
-    """A quick check (the zip directory at the end of the file reads back): catches truncation."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return bool(archive.namelist())
-    except (OSError, zipfile.BadZipFile, EOFError):
-        return False
+def is_whole(path: Path, *, thorough: bool = False) -> bool:
+    """Whether a file a stage wrote reads back whole (.npz, .png or .json).
 
-
-def png_looks_whole(path: Path) -> bool:
-    """A quick check (PNG chunk structure and CRCs, no decoding): catches truncation and corruption."""
+    The quick check catches truncation and corruption without decoding: the zip directory
+    at the end of an .npz, the chunk structure and CRCs of a PNG. `thorough` decompresses
+    every .npz member and decodes a PNG: per-image stages use it on the files they resume
+    from; the quick one serves the look over every file of a finished stage.
+    """
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # noqa: BLE001 - PIL raises many types for damaged files
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                return archive.testzip() is None if thorough else bool(archive.namelist())
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                if thorough:
+                    image.load()
+                else:
+                    image.verify()
+            return True
+    except Exception:  # noqa: BLE001 - zipfile and PIL raise many types for damaged files
         return False
-
-
-def npz_is_whole(path: Path) -> bool:
-    """True if `path` is a readable .npz whose members all decompress (a cheap CRC check)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile, EOFError):
-        return False
+    if path.suffix == ".json":
+        return read_json(path) is not None
+    raise ValueError(f"{path}: no wholeness check for {path.suffix} files")
 
 
 # ---------------------------------------------------------------------------- label maps
@@ -150,10 +127,6 @@ def read_labels(path: Path) -> np.ndarray | None:
         return read_label_png(path)
     except UserError:
         return None
-
-
-def png_is_whole(path: Path) -> bool:
-    return read_labels(path) is not None
 
 
 def encode_npz(**arrays: np.ndarray) -> bytes:

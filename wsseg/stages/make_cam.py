@@ -1,34 +1,32 @@
 """make-cam: multi-scale + flip CAMs for every image (ALGORITHMS.md §1.2) into cams/<id>.npz.
 
 Covers the images of `data.label_list` and `data.eval_list`; resumes per image; under
-torchrun each rank takes its share. At the end, when ground truth exists, the CAMs are
-evaluated (mIoU at `cam.eval_threshold` and the best of `cam.sweep`).
+torchrun each rank takes its share. At the end it writes cams/levels.json, the CAMs'
+own foreground/background level (Otsu's threshold) that relative threshold mode builds
+on, and, when ground truth exists, evaluates the CAMs (mIoU at `cam.eval_threshold`, at
+the relative level and the best of `cam.sweep`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from wsseg import viz
 from wsseg.config import Config
 from wsseg.context import Progress, StageContext
 from wsseg.data.transforms import normalize
 from wsseg.errors import UserError
 from wsseg.metrics import best_background_threshold
-from wsseg.ops.thresholds import otsu_threshold, relative_power, value_histogram
 from wsseg.models.cam import inference_network, multiscale_cams
-from wsseg.stages.artifacts import (cam_path, ids_with_ground_truth, image_ids, npz_is_whole, npz_looks_whole, open_dataset,
-                                    read_cams, write_cams)
+from wsseg.ops.thresholds import otsu_threshold, relative_power, value_histogram
+from wsseg.stage import Stage, fmt
+from wsseg.stages.artifacts import cam_path, ids_with_ground_truth, image_ids, is_whole, open_dataset, read_cams, write_cams
 from wsseg.stages.per_image import for_each_image, skipped_ids
 from wsseg.stages.train_cam import load_network
-from wsseg.store import RunStore
-
-NAME = "make-cam"
-NEEDS = ("train-cam",)
-SECTIONS = ("data.root", "data.classes", "data.label_list", "data.eval_list", "data.cls_labels", "cam.scales")
-VERSION = 1
-OUTPUTS = ("cams",)
-HEADLINE = "miou"
+from wsseg.store import RunStore, read_json, write_json
 
 
 def run(ctx: StageContext) -> dict:
@@ -47,20 +45,22 @@ def run(ctx: StageContext) -> dict:
         cam, high_res = multiscale_cams(model, image, keys, config.cam.scales, amp_dtype=ctx.amp_dtype)
         write_cams(cam_path(ctx.store, image_id), keys.cpu().numpy(), cam.cpu().numpy(), high_res.cpu().numpy())
 
-    counts = for_each_image(ctx, ids, lambda i: cam_path(ctx.store, i), npz_is_whole, work, report_folder=folder)
+    counts = for_each_image(ctx, ids, lambda i: cam_path(ctx.store, i), work, report_folder=folder)
     ctx.dist.barrier()
     metrics = {}
     if ctx.dist.is_main:
-        metrics["otsu_threshold"] = cam_otsu_level(ids, ctx.store)
-        metrics.update(evaluate(config, ctx.store, ctx.progress, otsu=metrics["otsu_threshold"]))
+        write_json(levels_path(ctx.store), {"otsu": cam_otsu_level(ids, ctx.store)})
+        metrics.update(evaluate(config, ctx.store, ctx.progress))
     return {"metrics": metrics, "items": {"done": len(ids) - len(skipped_ids(folder)), "total": len(ids)}, "counters": counts}
 
 
 def damaged(config: Config, store: RunStore) -> list[str]:
-    """Images whose CAM file is missing or damaged although the stage completed."""
+    """Images whose CAM file is missing or damaged although the stage completed (and levels.json
+    if that is: rerunning the stage rewrites it from the CAMs)."""
     skipped = skipped_ids(store.folder("cams"))
     ids = [i for i in image_ids(config, "data.label_list", "data.eval_list") if i not in skipped]
-    return [i for i in ids if not npz_looks_whole(cam_path(store, i))]
+    bad = [i for i in ids if not is_whole(cam_path(store, i))]
+    return bad + ([] if read_levels(store) else [levels_path(store).name])
 
 
 def count_done(config: Config, store: RunStore) -> tuple[int, int]:
@@ -82,22 +82,31 @@ def cam_otsu_level(ids: list[str], store: RunStore) -> float | None:
     return round(otsu_threshold(histogram), 4) if histogram.any() else None
 
 
+def levels_path(store: RunStore) -> Path:
+    return store.folder("cams") / "levels.json"
+
+
+def read_levels(store: RunStore) -> dict | None:
+    """cams/levels.json: {"otsu": Otsu's level of the CAMs, or null when there were none}."""
+    levels = read_json(levels_path(store))
+    return levels if isinstance(levels, dict) and "otsu" in levels else None
+
+
 def cam_power(config: Config, store: RunStore) -> float:
     """The exponent later stages apply to the CAMs: 1 in fixed mode; γ from make-cam's Otsu level in relative mode."""
     if config.cam.threshold_mode == "fixed":
         return 1.0
-    record = store.record("cams") or {}
-    otsu = (record.get("metrics") or {}).get("otsu_threshold")
+    otsu = (read_levels(store) or {}).get("otsu")
     if otsu is None:
-        raise UserError("cam.threshold_mode: relative needs make-cam's Otsu level; rerun make-cam (--force)")
+        raise UserError(f"cam.threshold_mode: relative needs the CAMs' Otsu level in {levels_path(store)}, which is "
+                        f"missing or empty; run `wsseg make-cam` again to rewrite it")
     return relative_power(min(max(otsu, 1e-3), 1 - 1e-3), config.cam.eval_threshold)
 
 
-def evaluate(config: Config, store: RunStore, progress=None, otsu: float | None = None) -> dict:
+def evaluate(config: Config, store: RunStore, progress=None) -> dict:
     """CAM mIoU on the evaluation list: at cam.eval_threshold, at the relative-mode threshold
     (eval_threshold on CAM^γ), and at the best of cam.sweep."""
-    if otsu is None:
-        otsu = ((store.record("cams") or {}).get("metrics") or {}).get("otsu_threshold")
+    otsu = (read_levels(store) or {}).get("otsu")
     dataset = open_dataset(config)
     ids = ids_with_ground_truth(dataset, image_ids(config, "data.eval_list"))
     ids = [i for i in ids if cam_path(store, i).exists()]
@@ -141,3 +150,50 @@ def cam_label_map(cams: dict[str, np.ndarray], threshold: float) -> np.ndarray:
         return np.zeros(high_res.shape[1:], np.uint8)
     best = high_res.argmax(axis=0)
     return np.where(high_res.max(axis=0) > threshold, keys[best] + 1, 0).astype(np.uint8)
+
+
+def label_threshold(config: Config, store: RunStore) -> float:
+    """The background level the CAM label pictures use: cam.eval_threshold, or in relative
+    mode the Otsu level (eval_threshold on CAM^γ is the Otsu level on the CAM)."""
+    otsu = (read_levels(store) or {}).get("otsu")
+    return otsu if config.cam.threshold_mode == "relative" and otsu else config.cam.eval_threshold
+
+
+def label_map(config: Config, store: RunStore, image_id: str) -> np.ndarray | None:
+    cams = read_cams(cam_path(store, image_id))
+    return None if cams is None else cam_label_map(cams, label_threshold(config, store))
+
+
+def inspect_tiles(view) -> list[np.ndarray]:
+    cams = read_cams(cam_path(view.store, view.id))
+    if cams is None:
+        return []
+    tiles = [viz.tile(f"CAM {view.names[key]}", viz.cam_overlay(view.image, cams["high_res"][channel]))
+             for channel, key in enumerate(cams["keys"])]
+    threshold = label_threshold(view.config, view.store)
+    tiles.append(view.labels_tile(f"CAM labels (bg {threshold:.2f}, {view.config.cam.threshold_mode})",
+                                  cam_label_map(cams, threshold)))
+    return tiles
+
+
+def quality(m: dict) -> str:
+    return (f"CAM mIoU {fmt(m.get('miou'))} at bg {fmt(m.get('threshold'), 2)}, "
+            f"{fmt(m.get('miou_relative'))} relative (Otsu {fmt(m.get('otsu_threshold'), 2)}), "
+            f"best {fmt(m.get('best_miou'))} at bg {fmt(m.get('best_threshold'), 2)}")
+
+
+STAGE = Stage(
+    name="make-cam",
+    help="Multi-scale + flip CAMs for every image (cams/<id>.npz).",
+    run=run,
+    outputs=("cams",),
+    needs=("train-cam",),
+    reads=("data.root", "data.classes", "data.label_list", "data.eval_list", "data.cls_labels", "cam.scales"),
+    headline="miou",
+    quality=quality,
+    evaluators={"cams": evaluate},
+    damaged=damaged,
+    count_done=count_done,
+    inspect_tiles=inspect_tiles,
+    label_map=label_map,
+)

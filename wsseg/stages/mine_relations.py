@@ -13,22 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from wsseg.class_ids import IGNORE
 from wsseg.config import Config
 from wsseg.context import StageContext
 from wsseg.ops.crf import crf_from_labels
+from wsseg.stage import Stage, fmt
 from wsseg.stages import artifacts
 from wsseg.stages.make_cam import cam_power
 from wsseg.stages.per_image import for_each_image, skipped_ids
 from wsseg.store import RunStore
-
-NAME = "mine-relations"
-NEEDS = ("make-cam",)
-SECTIONS = ("data.root", "data.label_list", "data.eval_list", "cam.threshold_mode", "cam.eval_threshold", "relations")
-VERSION = 1
-OUTPUTS = ("relations",)
-HEADLINE = "precision"
-
-UNSURE = 255
 
 
 def relation_path(store: RunStore, image_id: str) -> Path:
@@ -54,7 +47,7 @@ def relation_labels(image: np.ndarray, cams: dict[str, np.ndarray], config: Conf
     fg = crf_labels(image, high_res, cams["keys"], config.relations.conf_fg, config)
     bg = crf_labels(image, high_res, cams["keys"], config.relations.conf_bg, config)
     relations = fg.copy()
-    relations[fg == 0] = UNSURE
+    relations[fg == 0] = IGNORE  # unsure, until both maps agree on background
     relations[(fg == 0) & (bg == 0)] = 0
     return relations
 
@@ -77,8 +70,8 @@ def run(ctx: StageContext) -> dict:
     if power != 1.0:
         ctx.log.info("mine-relations: relative thresholds: CAM^%.3f", power)
     work = functools.partial(_mine_one, config, str(ctx.store.root), power)
-    counts = for_each_image(ctx, ids, lambda i: relation_path(ctx.store, i), artifacts.png_is_whole, work,
-                            report_folder=folder, processes=config.run.workers)
+    counts = for_each_image(ctx, ids, lambda i: relation_path(ctx.store, i), work, report_folder=folder,
+                            processes=config.run.workers)
     ctx.dist.barrier()
     metrics = evaluate(config, ctx.store, ctx.progress) if ctx.dist.is_main else {}
     return {"metrics": metrics, "items": {"done": counts["done"], "total": len(ids)}, "counters": counts}
@@ -87,7 +80,7 @@ def run(ctx: StageContext) -> dict:
 def damaged(config: Config, store: RunStore) -> list[str]:
     skipped = skipped_ids(store.folder("cams")) | skipped_ids(store.folder("relations"))
     ids = [i for i in artifacts.image_ids(config, "data.label_list", "data.eval_list") if i not in skipped]
-    return [i for i in ids if not artifacts.png_looks_whole(relation_path(store, i))]
+    return [i for i in ids if not artifacts.is_whole(relation_path(store, i))]
 
 
 def count_done(config: Config, store: RunStore) -> tuple[int, int]:
@@ -111,8 +104,8 @@ def evaluate(config: Config, store: RunStore, progress=None) -> dict:
         truth = dataset.read_semantic(image_id)
         if relations is None:
             continue
-        valid = truth != 255
-        sure = valid & (relations != UNSURE)
+        valid = truth != IGNORE
+        sure = valid & (relations != IGNORE)
         right = sure & (relations == truth)
         labelled += int(valid.sum())
         confident += int(sure.sum())
@@ -138,3 +131,23 @@ def inspect_tiles(view) -> list[np.ndarray]:
     if relations is None:
         return []
     return [view.labels_tile("relations (255 = unsure)", relations)]
+
+
+def quality(m: dict) -> str:
+    return f"relation precision {fmt(m.get('precision'))}, coverage {fmt(m.get('coverage'))}"
+
+
+STAGE = Stage(
+    name="mine-relations",
+    help="Confident foreground/background/unsure maps with DenseCRF.",
+    run=run,
+    outputs=("relations",),
+    needs=("make-cam",),
+    reads=("data.root", "data.label_list", "data.eval_list", "cam.threshold_mode", "cam.eval_threshold", "relations"),
+    headline="precision",
+    quality=quality,
+    evaluators={"relations": evaluate},
+    damaged=damaged,
+    count_done=count_done,
+    inspect_tiles=inspect_tiles,
+)

@@ -13,30 +13,31 @@ from typing import Callable, Iterator
 
 from wsseg.context import StageContext
 from wsseg.errors import UserError
+from wsseg.stages.artifacts import is_whole
 from wsseg.store import read_json, write_json
 
 
-def pending(ids: list[str], output: Callable[[str], Path], is_whole: Callable[[Path], bool]) -> list[str]:
+def pending(ids: list[str], output: Callable[[str], Path]) -> list[str]:
     """The ids whose output is missing or damaged (damaged files are deleted)."""
     todo = []
     for image_id in ids:
         path = output(image_id)
-        if path.exists() and is_whole(path):
+        if path.exists() and is_whole(path, thorough=True):
             continue
         path.unlink(missing_ok=True)
         todo.append(image_id)
     return todo
 
 
-def for_each_image(ctx: StageContext, ids: list[str], output: Callable[[str], Path], is_whole: Callable[[Path], bool],
-                   work: Callable[[str], None], *, report_folder: Path, desc: str | None = None, processes: int = 0) -> dict:
-    """Run `work(image_id)` (which writes `output(image_id)`) for this rank's pending images.
+def for_each_image(ctx: StageContext, ids: list[str], output: Callable[[str], Path], work: Callable[[str], None], *,
+                   report_folder: Path, desc: str | None = None, processes: int = 0) -> dict:
+    """Run `work(image_id)` (which writes `output(image_id)`, its last file) for this rank's pending images.
 
     processes > 1 fans the images out over that many worker processes (joblib); `work` must
     then be picklable (a module-level function or a functools.partial of one).
     """
     mine = ctx.dist.shard(ids)
-    todo = pending(mine, output, is_whole)
+    todo = pending(mine, output)
     if len(todo) < len(mine):
         ctx.log.info("%s: %d of %d images already done, %d to go", ctx.name, len(mine) - len(todo), len(mine), len(todo))
     skipped = {}

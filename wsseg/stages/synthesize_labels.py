@@ -26,18 +26,12 @@ from wsseg.models.irn import boundary_inference
 from wsseg.ops.instances import centroid_groups, instance_seeds, instances_from_walk
 from wsseg.ops.panoptic import decode_ids, encode_ids, panoptic_from_instances
 from wsseg.ops.random_walk import random_walk
+from wsseg.stage import Stage, fmt
 from wsseg.stages import artifacts
 from wsseg.stages.make_cam import cam_power
 from wsseg.stages.per_image import for_each_image, skipped_ids
 from wsseg.stages.train_irn import load_network
 from wsseg.store import RunStore, atomic_path, read_json, write_json
-
-NAME = "synthesize-labels"
-NEEDS = ("make-cam", "train-irn")
-SECTIONS = ("data.root", "data.label_list", "data.eval_list", "data.classes", "cam.threshold_mode", "cam.eval_threshold", "labels")
-VERSION = 1
-OUTPUTS = ("labels", "irn/boundary", "irn/displacement")
-HEADLINE = "semantic_miou"
 
 
 class Paths:
@@ -158,8 +152,7 @@ def run(ctx: StageContext) -> dict:
         write_json(paths.segments, {"image_id": image_id, "file_name": paths.panoptic.name,
                                     "segments_info": out["segments_info"]})
 
-    counts = for_each_image(ctx, ids, lambda i: Paths(ctx.store, i).segments, lambda p: read_json(p) is not None, work,
-                            report_folder=ctx.folder("labels"))
+    counts = for_each_image(ctx, ids, lambda i: Paths(ctx.store, i).segments, work, report_folder=ctx.folder("labels"))
     ctx.dist.barrier()
     metrics = {}
     if ctx.dist.is_main:
@@ -187,10 +180,8 @@ def damaged(config: Config, store: RunStore) -> list[str]:
         if image_id in skipped:
             continue
         paths = Paths(store, image_id)
-        whole = (read_json(paths.segments) is not None and artifacts.png_looks_whole(paths.semantic)
-                 and artifacts.png_looks_whole(paths.panoptic) and artifacts.png_looks_whole(paths.boundary)
-                 and artifacts.npz_looks_whole(paths.instance) and artifacts.npz_looks_whole(paths.displacement))
-        if not whole:
+        files = (paths.segments, paths.semantic, paths.panoptic, paths.boundary, paths.instance, paths.displacement)
+        if not all(artifacts.is_whole(path) for path in files):
             bad.append(image_id)
     return bad
 
@@ -323,3 +314,28 @@ def inspect_tiles(view) -> list[np.ndarray]:
             pass
     return tiles
 
+
+def label_map(config: Config, store: RunStore, image_id: str) -> np.ndarray | None:
+    return artifacts.read_labels(Paths(store, image_id).semantic)
+
+
+def quality(m: dict) -> str:
+    return f"semantic mIoU {fmt(m.get('semantic_miou'))}, instance AP50 {fmt(m.get('instance_ap50'))}, PQ {fmt(m.get('pq'))}"
+
+
+STAGE = Stage(
+    name="synthesize-labels",
+    help="Random walk + displacement: semantic, instance and panoptic labels.",
+    run=run,
+    outputs=("labels", "irn/boundary", "irn/displacement"),
+    needs=("make-cam", "train-irn"),
+    reads=("data.root", "data.label_list", "data.eval_list", "data.classes", "cam.threshold_mode", "cam.eval_threshold",
+           "labels"),
+    headline="semantic_miou",
+    quality=quality,
+    evaluators={"semantic": evaluate_semantic, "instance": evaluate_instance, "panoptic": evaluate_panoptic},
+    damaged=damaged,
+    count_done=count_done,
+    inspect_tiles=inspect_tiles,
+    label_map=label_map,
+)

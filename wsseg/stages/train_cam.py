@@ -17,17 +17,11 @@ from wsseg.data.transforms import ClassificationAugment, normalize
 from wsseg.metrics import classification_average_precision
 from wsseg.models.backbones import ResNet, load_weights
 from wsseg.models.cam import CAMNet, cam_loss, recam_loss
-from wsseg.stages.artifacts import image_ids, load_torch, open_dataset, save_torch
+from wsseg.checkpoints import load_checkpoint, save_checkpoint
+from wsseg.stages.artifacts import image_ids, open_dataset
+from wsseg.stage import Stage, fmt
 from wsseg.store import RunStore
 from wsseg.training import seed_everything, sgd, train
-
-NAME = "train-cam"
-NEEDS: tuple[str, ...] = ()
-SECTIONS = ("run.seed", "data.root", "data.classes", "data.train_list", "data.cls_labels", "backbone", "cam",
-            "-cam.scales", "-cam.eval_threshold", "-cam.sweep", "-cam.threshold_mode")
-VERSION = 1
-OUTPUTS = ("cam",)
-HEADLINE = "val_map"
 
 # IRN's CAM network: output stride 16 without dilation (layer4 keeps stride 1).
 CAM_STRIDES = (1, 2, 2, 1)
@@ -45,7 +39,7 @@ def build_network(config: Config, *, load_pretrained: bool = True) -> CAMNet:
 
 def load_network(config: Config, store: RunStore) -> CAMNet:
     """The trained CAM network from cam/model.pt, in eval mode on the CPU."""
-    payload = load_torch(store.folder("cam") / "model.pt", "the trained CAM network")
+    payload = load_checkpoint(store.folder("cam") / "model.pt", "the trained CAM network")
     model = build_network(config, load_pretrained=False)
     model.load_state_dict(payload["model"])
     return model.eval()
@@ -98,7 +92,7 @@ def run(ctx: StageContext) -> dict:
     model = model.cpu().eval()
     metrics: dict = {"train_images": len(ids), "images_per_second": round(result.images_per_second, 2)}
     if ctx.dist.is_main:
-        save_torch(folder / "model.pt", {"model": model.state_dict(), "classes": list(config.data.classes),
+        save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "classes": list(config.data.classes),
                                          "recam": cam.recam, "depth": config.backbone.depth, "width": config.backbone.width})
         model.to(ctx.device)
         train_sample = ids[:: max(1, len(ids) // MAX_EVAL_IMAGES)][:MAX_EVAL_IMAGES]
@@ -124,3 +118,19 @@ def classification_map(model: CAMNet, dataset, ids: list[str], ctx: StageContext
         return None
     value = classification_average_precision(np.stack(scores), np.stack(targets))["map"]
     return None if value is None else round(value, 4)
+
+
+def quality(metrics: dict) -> str:
+    return f"classification mAP train {fmt(metrics.get('train_map'))}, val {fmt(metrics.get('val_map'))}"
+
+
+STAGE = Stage(
+    name="train-cam",
+    help="Train the classification network whose CAMs seed everything.",
+    run=run,
+    outputs=("cam",),
+    reads=("run.seed", "data.root", "data.classes", "data.train_list", "data.cls_labels", "backbone", "cam",
+           "-cam.scales", "-cam.eval_threshold", "-cam.sweep", "-cam.threshold_mode"),
+    headline="val_map",
+    quality=quality,
+)

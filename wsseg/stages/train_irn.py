@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from wsseg.checkpoints import load_checkpoint, save_checkpoint
 from wsseg.config import Config
 from wsseg.context import StageContext
 from wsseg.data.datasets import LabelledImages
@@ -22,15 +23,9 @@ from wsseg.models.backbones import ResNet, load_weights
 from wsseg.models.irn import IRNet, irn_losses
 from wsseg.stages import artifacts
 from wsseg.stages.mine_relations import relation_path
+from wsseg.stage import Stage, fmt
 from wsseg.store import RunStore
 from wsseg.training import seed_everything, sgd, train
-
-NAME = "train-irn"
-NEEDS = ("train-cam", "mine-relations")
-SECTIONS = ("run.seed", "data.root", "data.train_list", "backbone", "irn")
-VERSION = 1
-OUTPUTS = ("irn",)
-HEADLINE = "final_loss"
 
 IRN_STRIDES = (1, 2, 2, 1)  # IRN's backbone: output stride 16, like the CAM network
 MAX_MEAN_IMAGES = 1000  # images used to estimate the mean displacement
@@ -62,7 +57,7 @@ def build_network(config: Config, store: RunStore | None, *, initialise: bool = 
 
 
 def load_network(config: Config, store: RunStore) -> IRNet:
-    payload = artifacts.load_torch(store.folder("irn") / "model.pt", "the trained IRN network")
+    payload = load_checkpoint(store.folder("irn") / "model.pt", "the trained IRN network")
     model = build_network(config, None, initialise=False)
     model.load_state_dict(payload["model"])
     return model.eval()
@@ -98,7 +93,7 @@ def run(ctx: StageContext) -> dict:
     model = model.to(ctx.device).eval()
     if ctx.dist.is_main:
         model.mean_displacement.copy_(mean_displacement(model, dataset, ids[:MAX_MEAN_IMAGES], irn.crop, ctx))
-        artifacts.save_torch(folder / "model.pt", {"model": model.cpu().state_dict()})
+        save_checkpoint(folder / "model.pt", {"model": model.cpu().state_dict()})
     final = {k: v[-1] for k, v in result.curves.items() if v}
     return {"metrics": {"final_loss": final.get("total"), **{f"final_{k}": v for k, v in final.items() if k != "total"},
                         "images_per_second": round(result.images_per_second, 2)},
@@ -116,3 +111,15 @@ def mean_displacement(model: IRNet, dataset, ids: list[str], crop: int, ctx: Sta
         _, displacement = model(image[None].to(ctx.device))
         total += displacement[0].float().mean(dim=(1, 2)).double().cpu()
     return (total / max(len(ids), 1)).float()
+
+
+STAGE = Stage(
+    name="train-irn",
+    help="Train IRN's boundary and displacement heads.",
+    run=run,
+    outputs=("irn",),
+    needs=("train-cam", "mine-relations"),
+    reads=("run.seed", "data.root", "data.train_list", "backbone", "irn"),
+    headline="final_loss",
+    quality=lambda m: f"final loss {fmt(m.get('final_loss'))}",
+)

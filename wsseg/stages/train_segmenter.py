@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsseg.checkpoints import load_checkpoint, save_checkpoint
 from wsseg.config import Config
 from wsseg.context import StageContext, resolve_device
 from wsseg.data.datasets import LabelledImages
@@ -30,19 +31,9 @@ from wsseg.stages import artifacts
 from wsseg.stages.panoptic import (PseudoPanoptic, TruePanoptic, evaluate_panoptic, is_panoptic, read_panoptic,
                                    targets_from_codes)
 from wsseg.stages.synthesize_labels import Paths as LabelPaths
+from wsseg.stage import Stage, fmt
 from wsseg.store import RunStore, write_json
 from wsseg.training import seed_everything, sgd, train
-
-NAME = "train-segmenter"
-NEEDS = ("synthesize-labels",)
-SECTIONS = ("run.seed", "data.root", "data.classes", "data.segmenter_train_list", "data.val_list", "segmenter",
-            "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode", "-segmenter.window", "-segmenter.sync_bn")
-VERSION = 1
-HEADLINE = "miou"
-
-
-def OUTPUTS(config: Config) -> tuple[str, ...]:  # noqa: N802 - the stage contract's name
-    return (f"segmenter/{config.segmenter.model}",)
 
 
 def label_sources(config: Config) -> tuple[str, ...]:
@@ -80,7 +71,7 @@ def build_network(config: Config, *, load_pretrained: bool = True) -> nn.Module:
 
 
 def load_network(config: Config, store: RunStore, source: str) -> nn.Module:
-    payload = artifacts.load_torch(folder_of(store, config, source) / "model.pt", f"the trained {config.segmenter.model}")
+    payload = load_checkpoint(folder_of(store, config, source) / "model.pt", f"the trained {config.segmenter.model}")
     model = build_network(config, load_pretrained=False)
     model.load_state_dict(payload["model"])
     return model.eval()
@@ -141,7 +132,7 @@ def train_one(ctx: StageContext, source: str) -> dict:
                    phase=f"{segmenter.model} on {source} labels")
     model = model.cpu().eval()
     if ctx.dist.is_main:
-        artifacts.save_torch(folder / "model.pt", {"model": model.state_dict(), "model_name": segmenter.model})
+        save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "model_name": segmenter.model})
     return {"curves": result.curves, "train_images": len(ids), "epochs": epochs,
             "images_per_second": round(result.images_per_second, 2)}
 
@@ -243,3 +234,24 @@ def inspect_tiles(view) -> list[np.ndarray]:
         if panoptic is not None:
             tiles.append(view.segments_tile(f"{view.config.segmenter.model} panoptic ({source})", *panoptic))
     return tiles
+
+
+def quality(m: dict) -> str:
+    return (f"{m.get('model', '?')} val mIoU: pseudo {fmt(m.get('miou_pseudo'))}, gt {fmt(m.get('miou_gt'))}, "
+            f"ratio {fmt(m.get('pseudo_to_gt'))}")
+
+
+STAGE = Stage(
+    name="train-segmenter",
+    help="Train a fully supervised segmenter on the synthesized labels.",
+    run=run,
+    # one folder per model: several models live side by side in one run directory
+    outputs=lambda config: (f"segmenter/{config.segmenter.model}",),
+    needs=("synthesize-labels",),
+    reads=("run.seed", "data.root", "data.classes", "data.segmenter_train_list", "data.val_list", "segmenter",
+           "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode", "-segmenter.window", "-segmenter.sync_bn"),
+    headline="miou",
+    quality=quality,
+    evaluators={"segmenter": evaluate},
+    inspect_tiles=inspect_tiles,
+)
