@@ -107,3 +107,66 @@ def test_config_is_frozen_and_describable():
 def test_shipped_pipelines_load():
     for name in ("pipelines/voc.yaml", "pipelines/demo.yaml"):
         load_config([name])
+
+
+# ---------------------------------------------------------------------------- per-model options
+
+def test_model_options_stack_key_by_key_across_files_overlays_and_set(tmp_path):
+    from wsseg.config import apply_overlay
+
+    base = write(tmp_path, "base.yaml", "segmenter:\n  options:\n    maxdeeplab: {num_slots: 16, pixel_dim: 32}\n"
+                                        "    deeplab-v3: {output_stride: 8}\n")
+    more = write(tmp_path, "more.yaml", "segmenter:\n  options:\n    maxdeeplab: {num_slots: 24}\n")
+    config = load_config([base, more], ["segmenter.options.pspnet.bins=[1,2]"])
+    assert config.segmenter.options == {"maxdeeplab": {"num_slots": 24, "pixel_dim": 32},
+                                        "deeplab-v3": {"output_stride": 8}, "pspnet": {"bins": (1, 2)}}
+    overlay = write(tmp_path, "overlay.yaml", "segmenter:\n  options:\n    deeplab-v3: {aux: false}\n")
+    stacked = apply_overlay(config, overlay)
+    assert stacked.segmenter.options["deeplab-v3"] == {"output_stride": 8, "aux": False}
+    assert stacked.segmenter.options["maxdeeplab"]["pixel_dim"] == 32
+    with pytest.raises(TypeError):
+        config.segmenter.options["maxdeeplab"]["num_slots"] = 3  # frozen like every config value
+
+
+def test_model_option_errors_name_the_file_the_key_and_the_closest_option(tmp_path):
+    path = write(tmp_path, "a.yaml", "segmenter:\n  options:\n    maxdeeplab: {num_slot: 16}\n")
+    with pytest.raises(UserError, match=r"a.yaml: segmenter.options.maxdeeplab: model 'maxdeeplab' has no option "
+                                        r"'num_slot' \(did you mean 'num_slots'\?\)"):
+        load_config([path])
+    with pytest.raises(UserError, match=r"segmenter.options: unknown model 'maxdeplab' \(did you mean 'maxdeeplab'\?\)"):
+        load_config([], ["segmenter.options.maxdeplab.num_slots=3"])
+    with pytest.raises(UserError, match=r"segmenter.options.maxdeeplab.num_slots: 'many' is not an integer"):
+        load_config([], ["segmenter.options.maxdeeplab.num_slots=many"])
+    with pytest.raises(UserError, match=r"segmenter.model: unknown model 'deeplab-v9' \(did you mean 'deeplab-v3'\?\)"):
+        load_config([], ["segmenter.model=deeplab-v9"])
+
+
+def test_moved_keys_say_where_they_went():
+    with pytest.raises(UserError, match=r"'segmenter.num_slots' is now 'segmenter.options.maxdeeplab.num_slots'"):
+        load_config([], ["segmenter.num_slots=16"])
+    with pytest.raises(UserError, match=r"'segmenter.aux' is now 'segmenter.options.<model>.aux'"):
+        load_config([], ["segmenter.aux=false"])
+
+
+def test_only_the_chosen_models_options_change_the_segmenter_fingerprint():
+    from wsseg.pipeline import selected_config
+    from wsseg.stages.train_segmenter import STAGE
+
+    def inputs(*overrides):
+        config = load_config([], list(overrides))
+        return selected_config(config, STAGE.selectors(config))
+
+    plain = inputs()
+    assert inputs("segmenter.options.maxdeeplab.num_slots=64") == plain  # another model's option
+    assert inputs("segmenter.options.deeplab-v2.msc=true") != plain  # the chosen model's own
+    chosen = inputs("segmenter.model=maxdeeplab", "segmenter.options.maxdeeplab.num_slots=64")
+    assert chosen["segmenter.options.maxdeeplab"] == {"num_slots": 64}
+
+
+def test_the_config_command_prints_a_config_that_loads_back_the_same(tmp_path):
+    from wsseg.config import to_yaml
+
+    config = load_config(["pipelines/demo.yaml"], ["segmenter.options.maxdeeplab.num_slots=16"])
+    resolved = write(tmp_path, "resolved.yaml", to_yaml(config))
+    again = load_config([resolved])
+    assert again.to_dict() == config.to_dict()

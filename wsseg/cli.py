@@ -202,6 +202,25 @@ def run_all_command(config, start: str | None, stop: str | None, force: bool) ->
     click.echo(f"\npictures: wsseg inspect --config {' '.join(config.sources)} (writes {Path(config.run.dir) / 'inspect'}/index.html)")
 
 
+@cli.command("config")
+@click.option("--config", "-c", "configs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML config; repeat to stack files (later ones win).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set cam.epochs=3.")
+@click.option("--keys", is_flag=True, help="List every key with its default and meaning, and each model's options.")
+def config_command(configs: tuple[Path, ...], overrides: tuple[str, ...], keys: bool) -> None:
+    """The resolved config after stacking files and --set (validated), or with --keys every key there is."""
+    from wsseg.config import describe_keys, load_config, to_yaml
+
+    if keys:
+        from wsseg.models.segmenters import describe_options
+
+        click.echo(describe_keys())
+        click.echo("\nsegmenter.options.<model> (each model's constructor options and defaults):")
+        click.echo(describe_options())
+        return
+    click.echo(to_yaml(load_config(configs, overrides)), nl=False)
+
+
 @cli.command("report")
 @config_options
 def report_command(config) -> None:

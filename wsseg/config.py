@@ -10,6 +10,7 @@ the key, the value and what is allowed. Several files stack, later ones winning
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import json
@@ -30,12 +31,57 @@ VOC_CLASSES = (
 )
 
 
-def key(default, doc: str, *, choices=None, low=None, high=None, positive=False):
-    """A config field: default, meaning (with unit) and the allowed values."""
-    meta = {"doc": doc, "choices": choices, "low": low, "high": high, "positive": positive}
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for sequence defaults (configs are frozen)")
+def key(default, doc: str, *, choices=None, low=None, high=None, positive=False, check=None):
+    """A config field: default, meaning (with unit) and the allowed values. `check(value, where)`
+    validates what a type and a range cannot say (e.g. a model's options against its constructor)."""
+    meta = {"doc": doc, "choices": choices, "low": low, "high": high, "positive": positive, "check": check}
+    if isinstance(default, list) or (isinstance(default, dict) and not isinstance(default, FrozenMap)):
+        raise TypeError("use tuples and FrozenMaps for defaults (configs are frozen)")
     return field(default=default, metadata=meta)
+
+
+class FrozenMap(dict):
+    """A mapping config value that cannot change after loading (configs are frozen).
+
+    A dict subclass, so JSON, YAML and dataclasses.asdict treat it as a plain dict."""
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("config values are read-only; build a new config instead")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self):  # pickled for worker processes: rebuilt whole, not item by item
+        return (FrozenMap, (dict(self),))
+
+
+def freeze(value: Any) -> Any:
+    """YAML data as config values: lists become tuples, mappings FrozenMaps, all the way down."""
+    if isinstance(value, dict):
+        return FrozenMap({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def _check_segmenter_model(name: str, where: str) -> None:
+    from wsseg.models.segmenters import check_model
+
+    check_model(name, where)
+
+
+def _check_segmenter_options(options: dict, where: str) -> None:
+    from wsseg.models.segmenters import model_options
+
+    for model, values in options.items():
+        model_options(model, values, where)
+
+
+MODEL_OPTIONS_DOC = ("per-model constructor options, by model name: {maxdeeplab: {num_slots: 64}, deeplab-v3: "
+                     "{output_stride: 8}}; checked against the model's constructor, only the chosen model's are used "
+                     "(and make its result stale); docs/models/<name>.md lists each model's options")
 
 
 @dataclass(frozen=True)
@@ -138,7 +184,7 @@ class LabelsSection:
 
 @dataclass(frozen=True)
 class SegmenterSection:
-    model: str = key("deeplab-v2", "segmenter architecture (see docs/models/)")
+    model: str = key("deeplab-v2", "segmenter architecture (see docs/models/)", check=_check_segmenter_model)
     labels: str = key("pseudo", "pseudo: synthesized labels; gt: the dataset's masks (fully supervised reference); both: train each, same recipe", choices=("pseudo", "gt", "both"))
     eval_mode: str = key("all", "evaluation: single (one scale), msflip (test_scales + flip), all (single, msflip and +CRF)", choices=("single", "msflip", "all"))
     window: int = key(0, "sliding-window size for inference in pixels (0: whole image)", low=0)
@@ -155,11 +201,17 @@ class SegmenterSection:
     scale_range: tuple[float, float] = key((0.5, 1.5), "random rescale range before cropping")
     test_scales: tuple[float, ...] = key((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), "multi-scale inference scales (with flip)")
     crf: bool = key(True, "DenseCRF post-processing in evaluation (the model's own CRF parameters)")
-    aux: typing.Optional[bool] = key(None, "auxiliary FCN head on layer3: null = the method's own choice (v3, v3+, PSPNet, EncNet, MCIBI: yes)")
     sync_bn: bool = key(False, "SyncBatchNorm across processes under torchrun")
-    num_slots: int = key(128, "MaX-DeepLab: mask slots (the paper: 128; fewer for small data)", low=1)
-    memory_channels: int = key(256, "MaX-DeepLab: width of the memory path", low=8)
-    pixel_dim: int = key(128, "MaX-DeepLab: pixel and mask embedding width", low=4)
+    options: typing.Mapping[str, typing.Mapping[str, typing.Any]] = key(FrozenMap(), MODEL_OPTIONS_DOC, check=_check_segmenter_options)
+
+
+# Keys that moved: a config that still uses one gets a line saying where it went.
+MOVED_KEYS = {
+    "segmenter.aux": "segmenter.options.<model>.aux",
+    "segmenter.num_slots": "segmenter.options.maxdeeplab.num_slots",
+    "segmenter.memory_channels": "segmenter.options.maxdeeplab.memory_channels",
+    "segmenter.pixel_dim": "segmenter.options.maxdeeplab.pixel_dim",
+}
 
 
 SECTIONS: dict[str, type] = {
@@ -190,7 +242,7 @@ class Config:
         """`config.get("cam.scales")` or a whole section `config.get("cam")`."""
         value: Any = self
         for part in dotted.split("."):
-            value = getattr(value, part)
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part)
         return value
 
     def to_dict(self) -> dict:
@@ -238,6 +290,13 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if len(value) != len(args):
             raise bad
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: {value!r} is not a mapping of names to values")
+        key_type, value_type = typing.get_args(tp)
+        return FrozenMap({_coerce(k, key_type, where): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()})
+    if tp is typing.Any:
+        return freeze(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -262,7 +321,26 @@ def _coerce(value: Any, tp, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
+def coerce_value(value: Any, annotation: Any, where: str) -> Any:
+    """`value` checked against a constructor's type annotation (int, float, bool, str, Optional,
+    Sequence[...], tuple[...]); other annotations take the YAML value as it is (frozen)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return coerce_value(value, inner[0], where) if len(inner) == 1 else freeze(value)
+    if origin is collections.abc.Sequence:
+        (item,) = typing.get_args(annotation) or (typing.Any,)
+        return _coerce(value, tuple[item, ...], where) if item in (bool, int, float, str) else freeze(value)
+    if origin is tuple or annotation in (bool, int, float, str):
+        return _coerce(value, annotation, where)
+    return freeze(value)
+
+
 def _check_range(value: Any, meta: dict, where: str) -> None:
+    if meta["check"] is not None:
+        meta["check"](value, where)
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
         if v is None:
@@ -284,6 +362,8 @@ def _build_section(name: str, values: dict, origin: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in values.items():
+        if f"{name}.{k}" in MOVED_KEYS:
+            raise UserError(f"{origin}: '{name}.{k}' is now '{MOVED_KEYS[f'{name}.{k}']}' (a per-model option)")
         if k not in fields:
             raise UserError(f"{origin}: unknown key '{name}.{k}'{_closest(k, fields)}")
         where = f"{origin}: {name}.{k}"
@@ -302,21 +382,41 @@ def _merge(base: dict, update: dict, origin: str) -> None:
         if not isinstance(values, dict):
             raise UserError(f"{origin}: section '{section}' must be a mapping of keys to values")
         for k, v in values.items():
-            base.setdefault(section, {})[k] = (v, origin)
+            entries = base.setdefault(section, {})
+            if _is_mapping_key(section, k) and isinstance(v, dict) and isinstance(entries.get(k, (None,))[0], dict):
+                v = _deep_merge(entries[k][0], v)  # later files add to and override a mapping key by key
+            entries[k] = (v, origin)
+
+
+def _is_mapping_key(section: str, name: str) -> bool:
+    hint = typing.get_type_hints(SECTIONS[section]).get(name)
+    return typing.get_origin(hint) in (dict, collections.abc.Mapping)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for k, v in update.items():
+        merged[k] = _deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """`cam.scales=[1.0,0.5]` -> ("cam", "scales", (1.0, 0.5)); values are YAML."""
+    """`cam.scales=[1.0,0.5]` -> ("cam", "scales", [1.0, 0.5]); values are YAML. Inside a mapping
+    key the path goes on: `segmenter.options.maxdeeplab.num_slots=64` -> ("segmenter", "options",
+    {"maxdeeplab": {"num_slots": 64}})."""
     if "=" not in text:
         raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set cam.epochs=3")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    deeper = len(parts) > 2 and parts[0] in SECTIONS and _is_mapping_key(parts[0], parts[1])
+    if len(parts) < 2 or not all(parts) or (len(parts) > 2 and not deeper):
         raise UserError(f"--set {text}: the key must be SECTION.KEY, e.g. cam.epochs")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    for part in reversed(parts[2:]):
+        value = {part: value}
     return parts[0], parts[1], value
 
 
@@ -371,6 +471,8 @@ def apply_overlay(config: Config, path: str | Path) -> Config:
     for name in SECTIONS:
         values = dataclasses.asdict(getattr(config, name))
         for k, (v, origin) in merged.get(name, {}).items():
+            if _is_mapping_key(name, k) and isinstance(v, dict) and isinstance(values.get(k), dict):
+                v = _deep_merge(values[k], v)
             _build_section(name, {k: v}, origin)
             values[k] = v
         sections[name] = _build_section(name, values, str(path))
@@ -402,6 +504,24 @@ def _check_consistency(config: Config) -> None:
             f"relations.conf_bg ({config.relations.conf_bg}) must not exceed relations.conf_fg "
             f"({config.relations.conf_fg}): the background map uses the lower score"
         )
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML (sections in order, keys as declared): what `wsseg config` prints."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"{section}:")
+        for name, value in values.items():
+            text = yaml.safe_dump(plain(value), default_flow_style=True, width=10**6).strip()
+            lines.append(f"  {name}: {text.removesuffix(chr(10) + '...').strip()}")
+    return "\n".join(lines) + "\n"
 
 
 def describe_keys() -> str:

@@ -30,8 +30,9 @@ def test_maxdeeplab_trains_on_panoptic_labels_and_reports_pq(labels_run):
     import wsseg.stages.train_segmenter as train_segmenter
 
     config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=maxdeeplab", "segmenter.labels=both",
-                         "segmenter.eval_mode=single", "segmenter.num_slots=8", "segmenter.memory_channels=32",
-                         "segmenter.pixel_dim=16", "segmenter.lr=0.001")
+                         "segmenter.eval_mode=single", "segmenter.options.maxdeeplab.num_slots=8",
+                         "segmenter.options.maxdeeplab.memory_channels=32",
+                         "segmenter.options.maxdeeplab.pixel_dim=16", "segmenter.lr=0.001")
     pipeline.run_stage(train_segmenter.STAGE, config)
     record = RunStore(config.run.dir).record("segmenter/maxdeeplab")
     for source in ("pseudo", "gt"):
@@ -48,8 +49,9 @@ def test_panoptic_predictions_are_written_and_drawn(labels_run, tmp_path):
     from wsseg.stages.panoptic import read_panoptic
 
     config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=maxdeeplab", "segmenter.labels=both",
-                         "segmenter.eval_mode=single", "segmenter.num_slots=8", "segmenter.memory_channels=32",
-                         "segmenter.pixel_dim=16", "segmenter.lr=0.001")
+                         "segmenter.eval_mode=single", "segmenter.options.maxdeeplab.num_slots=8",
+                         "segmenter.options.maxdeeplab.memory_channels=32",
+                         "segmenter.options.maxdeeplab.pixel_dim=16", "segmenter.lr=0.001")
     import wsseg.stages.train_segmenter as train_segmenter
 
     pipeline.run_stage(train_segmenter.STAGE, config)  # up to date (skipped) when the test above trained it

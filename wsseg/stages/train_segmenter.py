@@ -60,11 +60,8 @@ class PseudoLabels:
 
 def build_network(config: Config, *, load_pretrained: bool = True) -> nn.Module:
     segmenter = config.segmenter
-    options = {} if segmenter.aux is None else {"aux": segmenter.aux}
-    if segmenter.model == "maxdeeplab":
-        options.update(num_slots=segmenter.num_slots, memory_channels=segmenter.memory_channels, pixel_dim=segmenter.pixel_dim)
     model = build_segmenter(segmenter.model, len(config.data.classes) + 1, depth=segmenter.depth, width=segmenter.width,
-                            **options)
+                            options=segmenter.options.get(segmenter.model))
     if load_pretrained:
         load_weights(model.backbone, segmenter.weights)
     return model
@@ -101,16 +98,15 @@ def train_one(ctx: StageContext, source: str) -> dict:
     if per_process < 2 and not (segmenter.sync_bn and ctx.dist.enabled):
         raise UserError(f"segmenter.batch_size: {segmenter.batch_size} gives {per_process} image per process; BatchNorm "
                         f"needs at least 2 (or segmenter.sync_bn: true under torchrun)")
-    if hasattr(model, "memory_loss_after_step"):
-        # MCIBI: the memory-consistency loss starts after the first epoch, as in the paper
-        model.memory_loss_after_step = len(images) // segmenter.batch_size
+    # The recipe counts optimisation steps; the loop counts epochs (checkpoints are per epoch).
+    steps_per_epoch = len(images) // segmenter.batch_size
+    epochs = max(1, math.ceil(segmenter.iterations * segmenter.batch_size / len(images)))
+    model.begin_training(steps_per_epoch=steps_per_epoch, max_steps=epochs * steps_per_epoch)
     if segmenter.sync_bn and ctx.dist.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     backbone_params, head_params = model.param_groups()
     optimizer = sgd([(backbone_params, segmenter.lr), (head_params, segmenter.lr * segmenter.head_lr_mult)],
                     momentum=segmenter.momentum, weight_decay=segmenter.weight_decay)
-    # The recipe counts optimisation steps; the loop counts epochs (checkpoints are per epoch).
-    epochs = max(1, math.ceil(segmenter.iterations * segmenter.batch_size / len(images)))
 
     def loss_fn(net, batch):
         outputs = net(batch["image"])
@@ -118,12 +114,10 @@ def train_one(ctx: StageContext, source: str) -> dict:
         targets = targets_from_codes(batch["label"]) if panoptic else batch["label"]
         return _unwrap(net).loss(outputs, targets)
 
-    # Models' per-step hooks: MCIBI's memory update (labels are class maps there), dilated-context's stage switch.
+    # The model's per-step hook (MCIBI's memory update, dilated-context's stage switch; a no-op for most).
     def after_step(net, batch, step, max_steps):
-        module = _unwrap(net)
-        if hasattr(module, "after_step"):
-            with torch.no_grad():
-                module.after_step(batch["_outputs"], batch["label"], step, max_steps)
+        with torch.no_grad():
+            _unwrap(net).after_step(batch["_outputs"], batch["label"], step, max_steps)
 
     folder = folder_of(ctx.store, config, source)
     folder.mkdir(parents=True, exist_ok=True)
@@ -248,8 +242,11 @@ STAGE = Stage(
     # one folder per model: several models live side by side in one run directory
     outputs=lambda config: (f"segmenter/{config.segmenter.model}",),
     needs=("synthesize-labels",),
-    reads=("run.seed", "data.root", "data.classes", "data.segmenter_train_list", "data.val_list", "segmenter",
-           "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode", "-segmenter.window", "-segmenter.sync_bn"),
+    # the chosen model's options only: another model's options do not change this one
+    reads=lambda config: ("run.seed", "data.root", "data.classes", "data.segmenter_train_list", "data.val_list",
+                          "segmenter", "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode",
+                          "-segmenter.window", "-segmenter.sync_bn", "-segmenter.options",
+                          f"segmenter.options.{config.segmenter.model}"),
     headline="miou",
     quality=quality,
     evaluators={"segmenter": evaluate},

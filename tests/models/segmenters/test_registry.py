@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from wsseg.errors import UserError
 from wsseg.models.backbones import ResNet
-from wsseg.models.segmenters import SEGMENTERS, build_segmenter
+from wsseg.models.segmenters import SEGMENTERS, build_segmenter, model_options, option_types
 
 NUM_CLASSES = 4
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "models"
@@ -76,9 +77,32 @@ def test_unknown_name_names_the_key_the_closest_match_and_the_choices():
 
 def test_unknown_option_names_the_key_and_the_options():
     with pytest.raises(UserError) as error:
-        build_segmenter("fcn8s", NUM_CLASSES, depth=18, width=0.25, msc=True)
+        build_segmenter("fcn8s", NUM_CLASSES, depth=18, width=0.25, options={"msc": True})
     message = str(error.value)
-    assert message.startswith("segmenter.msc: model 'fcn8s' has no option 'msc'")
-    assert "depth, width, output_stride, aux" in message
-    model = build_segmenter("deeplab-v2", NUM_CLASSES, depth=18, width=0.25, msc=True)
+    assert message.startswith("segmenter.options.fcn8s: model 'fcn8s' has no option 'msc'")
+    assert "its options are output_stride, aux" in message
+    model = build_segmenter("deeplab-v2", NUM_CLASSES, depth=18, width=0.25, options={"msc": True})
     assert model.msc
+
+
+def test_options_are_typed_by_the_constructor_and_impossible_values_name_the_key():
+    with pytest.raises(UserError, match=r"segmenter.options.pspnet.bins: 'x' is not an integer"):
+        build_segmenter("pspnet", NUM_CLASSES, depth=18, width=0.25, options={"bins": [1, "x"]})
+    with pytest.raises(UserError, match=r"segmenter.options.deeplab-v2.depth: set it with segmenter.depth"):
+        build_segmenter("deeplab-v2", NUM_CLASSES, options={"depth": 18})
+    with pytest.raises(UserError, match=r"^segmenter.options.maxdeeplab: .*output_stride must be 8 or 16"):
+        build_segmenter("maxdeeplab", NUM_CLASSES, depth=18, width=0.25, options={"output_stride": 32})
+    model = build_segmenter("pspnet", NUM_CLASSES, depth=18, width=0.25, options={"bins": [1, 2]})
+    assert len(model.pyramid.branches) == 2
+
+
+@pytest.mark.parametrize("name", list(SEGMENTERS))
+def test_every_option_is_keyword_only_and_its_default_passes_its_own_check(name):
+    """What `segmenter.options.<name>` may hold is read from the constructor: every option must be
+    keyword-only (so the registry sees it) and its default must pass the same type check a user's
+    value does (so the annotations say what the model really takes)."""
+    parameters = list(inspect.signature(SEGMENTERS[name]).parameters.values())
+    assert parameters[0].name == "num_classes"
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[1:])
+    defaults = {key: default for key, (_, default) in option_types(name).items()}
+    assert model_options(name, defaults) == {k: (tuple(v) if isinstance(v, list) else v) for k, v in defaults.items()}

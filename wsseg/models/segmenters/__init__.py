@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import typing
+from typing import Any, Mapping
 
 from torch import nn
 
@@ -41,22 +43,68 @@ SEGMENTERS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_segmenter(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """The segmenter registered as `name`, built with num_classes (background included)
-    and the model's keyword arguments (depth, width, output_stride, aux, ...).
+# Constructor arguments the stage fills from shared config keys, not per-model options.
+SHARED_ARGUMENTS = {"num_classes": "data.classes", "depth": "segmenter.depth", "width": "segmenter.width"}
 
-    An unknown name, or an argument the model does not take, raises UserError naming
-    the config key (segmenter.model / segmenter.<argument>) and the choices.
-    """
+
+def check_model(name: str, where: str = "segmenter.model") -> type[nn.Module]:
+    """The class registered as `name`; an unknown name is a UserError naming `where` and the choices."""
     if name not in SEGMENTERS:
         match = difflib.get_close_matches(name, list(SEGMENTERS), n=1, cutoff=0.5)
         hint = f" (did you mean '{match[0]}'?)" if match else ""
-        raise UserError(f"segmenter.model: unknown model '{name}'{hint}; choose one of "
-                        f"{', '.join(SEGMENTERS)}")
+        raise UserError(f"{where}: unknown model '{name}'{hint}; choose one of {', '.join(SEGMENTERS)}")
+    return SEGMENTERS[name]
+
+
+def option_types(name: str) -> dict[str, tuple[Any, Any]]:
+    """The options model `name` takes: {argument: (type annotation, default)}, shared arguments left out."""
     cls = SEGMENTERS[name]
-    options = [p for p in inspect.signature(cls).parameters if p != "num_classes"]
-    for key in kwargs:
-        if key not in options:
-            raise UserError(f"segmenter.{key}: model '{name}' has no option '{key}'; "
-                            f"its options are {', '.join(options)}")
-    return cls(num_classes, **kwargs)
+    hints = typing.get_type_hints(cls.__init__)
+    return {p.name: (hints.get(p.name, Any), p.default) for p in inspect.signature(cls).parameters.values()
+            if p.name not in SHARED_ARGUMENTS and p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def model_options(name: str, options: Mapping[str, Any], where: str = "segmenter.options") -> dict[str, Any]:
+    """`segmenter.options.<name>` checked against the model's constructor: every key must be one of
+    its keyword arguments and every value of its annotated type. Returns them as keyword arguments;
+    errors name `where` (the key, prefixed by the file or --set it came from)."""
+    from wsseg.config import coerce_value
+
+    check_model(name, where)
+    where = f"{where}.{name}"
+    known = option_types(name)
+    checked = {}
+    for key, value in options.items():
+        if key in SHARED_ARGUMENTS:
+            raise UserError(f"{where}.{key}: set it with {SHARED_ARGUMENTS[key]}, which every model shares")
+        if key not in known:
+            match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+            hint = f" (did you mean '{match[0]}'?)" if match else ""
+            raise UserError(f"{where}: model '{name}' has no option '{key}'{hint}; its options are {', '.join(known)}")
+        checked[key] = coerce_value(value, known[key][0], f"{where}.{key}")
+    return checked
+
+
+def build_segmenter(name: str, num_classes: int, *, depth: int = 50, width: float = 1.0,
+                    options: Mapping[str, Any] | None = None) -> nn.Module:
+    """The segmenter registered as `name`, built with num_classes (background included), the
+    shared depth and width, and the model's own options (checked as `model_options` does).
+
+    A model's constructor raises ValueError for option values it cannot use together (an
+    output stride it does not support, say); that becomes a UserError naming the options key.
+    """
+    cls = check_model(name)
+    kwargs = model_options(name, options or {})
+    try:
+        return cls(num_classes, depth=depth, width=width, **kwargs)
+    except ValueError as error:
+        raise UserError(f"segmenter.options.{name}: {error}") from None
+
+
+def describe_options() -> str:
+    """Every model's options with their defaults, one line per model (`wsseg config --keys`)."""
+    lines = []
+    for name in SEGMENTERS:
+        options = ", ".join(f"{key}={default!r}" for key, (_, default) in option_types(name).items())
+        lines.append(f"  {name}: {options}")
+    return "\n".join(lines)

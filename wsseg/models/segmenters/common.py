@@ -248,6 +248,14 @@ class Segmenter(nn.Module):
         aux head. Does not switch modes: call model.eval() first for test-time behaviour."""
         return upsample_to(self.head(self.backbone(x)), x.shape[-2:])
 
+    def begin_training(self, steps_per_epoch: int, max_steps: int) -> None:
+        """Called by train-segmenter before the first step (and again on a resume). Models whose
+        schedule depends on the run's length override it (MCIBI's memory loss starts after epoch 1)."""
+
+    def after_step(self, outputs: dict[str, Tensor], labels: Tensor, step: int, max_steps: int) -> None:
+        """Called after every optimiser step, without gradients, with the step's outputs and labels.
+        Models with state outside the gradient override it (MCIBI's memory, dilated-context's stages)."""
+
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, all other parameters), trainable ones only, each once."""
         in_backbone = {id(p) for p in self.backbone.parameters()}

@@ -18,7 +18,8 @@ in `after_step()`, which the training loop calls after every optimiser step:
 
 The consistency loss (memory vectors through H2 must give their own class) is on once
 `steps_done >= memory_loss_after_step`; the paper turns it on after the first epoch,
-so the stage sets `memory_loss_after_step` to the number of steps per epoch.
+which is the default (None): `begin_training(steps_per_epoch, ...)`, which train-segmenter
+calls before the first step, fixes it at the number of steps per epoch.
 """
 
 from __future__ import annotations
@@ -120,20 +121,21 @@ class MCIBI(Segmenter):
             DeepLabV3 variant; sssegmentation's context_within_image). Default on.
         multi_grid: layer4's multi-grid; None (MCIBI's configs use a plain dilated ResNet).
         memory_loss_after_step: the consistency loss counts once `steps_done` (the number
-            of steps after_step has seen) reaches this; the paper's "after the first
-            epoch" is the number of steps per epoch. A plain attribute: the stage may set
-            it after building its data loader.
+            of steps after_step has seen) reaches this. None (the paper's "after the first
+            epoch"): the number of steps per epoch that `begin_training` is given, and 0
+            when a training loop of one's own never calls it.
     """
 
     def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
                  output_stride: int = 8, aux: bool = True, aspp_fusion: bool = True,
                  multi_grid: Sequence[int] | None = None,
-                 memory_loss_after_step: int = 0) -> None:
+                 memory_loss_after_step: int | None = None) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"mcibi: output_stride must be 8 or 16, got {output_stride}")
         self.num_classes = num_classes
-        self.memory_loss_after_step = int(memory_loss_after_step)
+        self.memory_loss_option = memory_loss_after_step
+        self.memory_loss_after_step = 0 if memory_loss_after_step is None else int(memory_loss_after_step)
         self.backbone = resnet(depth, output_stride=output_stride, width=width,
                                multi_grid=tuple(multi_grid) if multi_grid is not None else None)
         in_channels = self.backbone.channels["layer4"]
@@ -205,6 +207,11 @@ class MCIBI(Segmenter):
         return self.final_head[2](F.relu(x)).flatten(1).float()
 
     # -- loss -------------------------------------------------------------------------
+
+    def begin_training(self, steps_per_epoch: int, max_steps: int) -> None:
+        """The memory loss starts after the first epoch unless the option set its own step."""
+        if self.memory_loss_option is None:
+            self.memory_loss_after_step = int(steps_per_epoch)
 
     @property
     def memory_loss_active(self) -> bool:
