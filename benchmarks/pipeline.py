@@ -32,7 +32,7 @@ from run_all import (REPO, bench_env, emit, fmt, header, load_average, load_resu
 SECTION = "Whole pipeline"
 STAGE_ORDER = ("train-cam", "make-cam", "mine-relations", "train-irn", "synthesize-labels", "train-segmenter")
 
-# VOC 2012 train_aug with IRN's recipe (ALGORITHMS.md §1, pipelines/voc.yaml).
+# VOC 2012 train_aug with IRN's recipe (docs/ALGORITHMS.md §1, pipelines/voc.yaml).
 TRAIN_AUG = 10_582
 CAM_EPOCHS, CAM_BATCH = 5, 16
 IRN_EPOCHS, IRN_BATCH = 3, 32

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from wsseg.class_ids import IGNORE
 from wsseg.config import Config
 from wsseg.data.transforms import normalize
 from wsseg.errors import UserError
@@ -110,11 +111,11 @@ def measure(config: Config, store: RunStore, ids: list[str], grid: Grid, *, sema
             high_res = cams["high_res"] ** base_power
             fg_maps = {t: crf_labels(image, high_res, keys, t, config) for t in grid.conf_fg}
             bg_maps = {t: crf_labels(image, high_res, keys, t, config) for t in grid.conf_bg}
-            valid = truth != 255
+            valid = truth != IGNORE
             for fg_t, bg_t in itertools.product(grid.conf_fg, grid.conf_bg):
                 fg, bg = fg_maps[fg_t], bg_maps[bg_t]
-                mined = np.where(fg > 0, fg, np.where(bg == 0, 0, 255))
-                sure = valid & (mined != 255)
+                mined = np.where(fg > 0, fg, np.where(bg == 0, 0, IGNORE))
+                sure = valid & (mined != IGNORE)
                 counts = acc.relations.setdefault((fg_t, bg_t), [0, 0, 0])
                 counts[0] += int((sure & (mined == truth)).sum())
                 counts[1] += int(sure.sum())

@@ -1,7 +1,7 @@
 """Typed configuration: one frozen dataclass per section, YAML loading, `--set` overrides.
 
 Every key has a type, a default and a one-line meaning. Defaults are IRN's VOC 2012
-recipe (ALGORITHMS.md); pipelines/voc.yaml states them all explicitly and
+recipe (docs/ALGORITHMS.md); pipelines/voc.yaml states them all explicitly and
 pipelines/demo.yaml overrides what the CPU demo needs. Loading validates everything:
 an unknown key names the closest known key; a wrong type or out-of-range value names
 the key, the value and what is allowed. Several files stack, later ones winning

@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from wsseg.class_ids import BACKGROUND, IGNORE
 from wsseg.data.images import VOC_PALETTE, read_image, write_label_png
 from wsseg.errors import UserError
 from wsseg.ops.panoptic import BACKGROUND_CATEGORY, decode_ids
@@ -342,7 +343,7 @@ def _export_voc(source: _Source, ids: list[str], out: Path, min_score: float, li
 
 def _majority_class(votes: np.ndarray) -> int | None:
     """The class VOC readers give an instance: the most frequent label over its pixels, bar 0 and 255."""
-    votes = votes[(votes != 0) & (votes != 255)]
+    votes = votes[(votes != BACKGROUND) & (votes != IGNORE)]
     return int(np.bincount(votes).argmax()) if votes.size else None
 
 

@@ -1,6 +1,6 @@
 """Segmentation metrics: confusion-matrix mIoU, instance AP, panoptic quality.
 
-Pure numpy, no file I/O (ALGORITHMS.md §1.7, §3). Class ids follow the project:
+Pure numpy, no file I/O (docs/ALGORITHMS.md §1.7, §3). Class ids follow the project:
 0 background, 1..C foreground, 255 ignore/void. Every `num_classes` below counts the
 background too (C + 1), like the confusion matrix. Summaries are JSON-friendly: plain
 floats, with None where a value is undefined (NaN).
@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-IGNORE = 255
+from wsseg.class_ids import IGNORE
+
 COCO_IOU_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.951, 0.05), 2).tolist())  # 0.50:0.05:0.95
 
 
@@ -352,7 +353,7 @@ def panoptic_quality(
     stuff_classes: Iterable[int],
     class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Panoptic quality with the COCO panoptic evaluation's rules (ALGORITHMS.md §3).
+    """Panoptic quality with the COCO panoptic evaluation's rules (docs/ALGORITHMS.md §3).
 
     pred_pairs: per image (pred_ids, pred_segments, gt_ids, gt_segments) or the same plus
     a void mask: pred_ids, gt_ids (H, W) int segment id maps (e.g. decoded from

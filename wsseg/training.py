@@ -145,11 +145,10 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
             total = terms["total"]
             if not torch.isfinite(total.detach()):
                 bar.close()
-                raise RunFailure(
-                    f"{ctx.name}: the loss became {total.item()} at epoch {epoch + 1}, step {index + 1}; training stopped and "
-                    f"the last good checkpoint ({checkpoint.name}, epoch {start_epoch if epoch == start_epoch else epoch}) is kept; "
-                    f"lower the learning rate and rerun"
-                )
+                # the checkpoint on disk is the one written after the previous epoch
+                kept = f"the last good checkpoint ({checkpoint.name}, epoch {epoch}) is kept" if epoch else "no checkpoint was written yet"
+                raise RunFailure(f"{ctx.name}: the loss became {total.item()} at epoch {epoch + 1}, step {index + 1}; "
+                                 f"training stopped and {kept}; lower the learning rate and rerun")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.step(optimizer)

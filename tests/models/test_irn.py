@@ -103,7 +103,7 @@ def reference_path(dy: int, dx: int) -> list[tuple[int, int]]:
 
 
 def slow_losses(boundary, displacement, labels, radius):
-    """IRN's losses pair by pair, straight from ALGORITHMS.md §1.5."""
+    """IRN's losses pair by pair, straight from docs/ALGORITHMS.md §1.5."""
     sums = {key: 0.0 for key in ("bg", "fg", "neg", "dfg", "dbg")}
     counts = {key: 0 for key in ("bg", "fg", "neg")}
     batch, height, width = labels.shape

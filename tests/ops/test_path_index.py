@@ -7,7 +7,7 @@ import torch
 from wsseg.ops.path_index import (
     BG_POS,
     FG_POS,
-    IGNORE,
+    UNSURE,
     NEG,
     directions,
     pair_labels,
@@ -149,14 +149,14 @@ def test_pair_labels_match_loops():
     codes = pair_labels(labels, radius)
     rows, cols = source_crop(6, 8, radius)
     assert codes.dtype == torch.uint8 and codes.shape == (2, 12, rows.stop, cols.stop - cols.start)
-    assert len({BG_POS, FG_POS, NEG, IGNORE}) == 4
+    assert len({BG_POS, FG_POS, NEG, UNSURE}) == 4
     for b in range(2):
         for k, (dy, dx) in enumerate(directions(radius)):
             for i, y in enumerate(range(rows.start, rows.stop)):
                 for j, x in enumerate(range(cols.start, cols.stop)):
                     a, c = int(labels[b, y, x]), int(labels[b, y + dy, x + dx])
                     if a == 255 or c == 255:
-                        expected = IGNORE
+                        expected = UNSURE
                     elif a == c == 0:
                         expected = BG_POS
                     elif a == c:
@@ -164,4 +164,4 @@ def test_pair_labels_match_loops():
                     else:
                         expected = NEG
                     assert codes[b, k, i, j] == expected
-    assert {int(v) for v in codes.unique()} == {BG_POS, FG_POS, NEG, IGNORE}
+    assert {int(v) for v in codes.unique()} == {BG_POS, FG_POS, NEG, UNSURE}

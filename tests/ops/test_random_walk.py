@@ -162,6 +162,6 @@ def test_rejects_mismatched_shapes():
 
 
 def test_no_seeds_give_an_empty_result():
-    """An image with no instance seeds walks nothing and does not crash (ALGORITHMS.md §1.6)."""
+    """An image with no instance seeds walks nothing and does not crash (docs/ALGORITHMS.md §1.6)."""
     out = random_walk(torch.zeros(0, 6, 8), torch.rand(6, 8))
     assert out.shape == (0, 6, 8) and out.dtype == torch.float32

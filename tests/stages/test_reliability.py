@@ -71,13 +71,16 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_identical(tiny_dat
     assert curve == RunStore(reference).record("cam")["curves"]["bce_total"]
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+def test_nan_loss_stops_with_one_honest_line(tiny_data, tmp_path):
     result = wsseg("train-cam", "--config", ROOT / "pipelines" / "demo.yaml",
                    *cli_overrides(tiny_data, tmp_path / "run", "cam.lr=1e30", "cam.epochs=3"))
     assert result.returncode == 1, result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("wsseg: error: train-cam: the loss became") and "last good checkpoint" in line
+    # lr 1e30 blows the weights up in the first step: the message must not promise a checkpoint that does not exist
+    assert line.startswith("wsseg: error: train-cam: the loss became") and "at epoch 1," in line
+    assert "no checkpoint was written yet" in line and "lower the learning rate" in line
     assert not (tmp_path / "run" / "cam" / "model.pt").exists()
+    assert not (tmp_path / "run" / "cam" / "checkpoint.pt").exists()
 
 
 def test_malicious_checkpoint_is_refused_not_executed(tmp_path):

@@ -1,4 +1,4 @@
-"""Image and label-map transforms on numpy arrays (ALGORITHMS.md §1.1, §1.5, §2).
+"""Image and label-map transforms on numpy arrays (docs/ALGORITHMS.md §1.1, §1.5, §2).
 
 Images are (H, W, 3): uint8 before `normalize`, float32 after. Label maps are (H, W)
 integer arrays (uint8 class ids, uint16 instance ids, ...). Every random transform takes
@@ -168,7 +168,7 @@ def random_crop(
 
 @dataclass(frozen=True)
 class ClassificationAugment:
-    """train-cam augmentation (IRN, ALGORITHMS.md §1.1): `(uint8 image, rng) -> float32 (crop, crop, 3)`.
+    """train-cam augmentation (IRN, docs/ALGORITHMS.md §1.1): `(uint8 image, rng) -> float32 (crop, crop, 3)`.
 
     Random long side in `resize_long` (bicubic), flip, normalise, random crop on a zero
     (= mean colour) canvas. `resize_long=None` keeps the size, `crop_size=None` skips the crop.

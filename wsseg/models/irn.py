@@ -1,4 +1,4 @@
-"""IRN: inter-pixel relation network (Ahn, Cho, Kwak, CVPR 2019), ALGORITHMS.md §1.5.
+"""IRN: inter-pixel relation network (Ahn, Cho, Kwak, CVPR 2019), docs/ALGORITHMS.md §1.5.
 
 Two heads on a ResNet: a class-boundary map B (one logit per stride-4 pixel) and a
 displacement field D (dy, dx per stride-4 pixel, in stride-4 pixels) that points from
@@ -199,7 +199,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 def irn_losses(
     boundary_logits: Tensor, displacement: Tensor, labels: Tensor, radius: int = 10
 ) -> dict[str, Tensor]:
-    """IRN's training losses (ALGORITHMS.md §1.5).
+    """IRN's training losses (docs/ALGORITHMS.md §1.5).
 
     boundary_logits: (B, 1, h, w); displacement: (B, 2, h, w) (dy, dx) in stride-4
     pixels; labels: (B, h, w) int64 relation labels at stride 4 (0 background, 1..C

@@ -3,7 +3,7 @@
 Two uses in wsseg:
 
 - `crf_from_labels`: IRN's `cam_to_ir_label` refinement of hard CAM labels before the
-  relation labels are mined (ALGORITHMS.md §1.3).
+  relation labels are mined (docs/ALGORITHMS.md §1.3).
 - `crf_from_probs`: DeepLab's post-processing of softmax probabilities (§2).
 
 Both take the image as (H, W, 3) uint8 RGB in pixels of the original resolution; the
@@ -81,7 +81,7 @@ def crf_from_labels(
     indices 0..num_labels-1 (IRN passes indices into its `keys`, not class ids).
     Every pixel's unary puts probability `gt_prob` on its label and spreads the rest
     evenly over the others (pydensecrf's `unary_from_labels` with zero_unsure=False:
-    no label means "unsure"). Defaults are IRN's (ALGORITHMS.md §1.3).
+    no label means "unsure"). Defaults are IRN's (docs/ALGORITHMS.md §1.3).
     Returns (H, W) int64 label indices, the argmax of the mean-field marginals.
     """
     image = _rgb_image(image)

@@ -1,6 +1,6 @@
 """Instance grouping from IRN's displacement field, and instances from walked seeds.
 
-ALGORITHMS.md §1.6 (instance labels). The synthesize-labels stage composes these as
+docs/ALGORITHMS.md §1.6 (instance labels). The synthesize-labels stage composes these as
 
     groups = centroid_groups(displacement)                  # (h, w) at stride 4
     seeds, seed_classes, seed_groups = instance_seeds(cams, keys, groups)

@@ -1,6 +1,6 @@
 """Panoptic labels from instance labels, and COCO panoptic's RGB id encoding (pure numpy).
 
-wsseg's panoptic labels (ALGORITHMS.md §1.6): every instance is a "thing" segment with
+wsseg's panoptic labels (docs/ALGORITHMS.md §1.6): every instance is a "thing" segment with
 its class as category; all remaining pixels form one "stuff" segment of category 0
 (background). Segment ids are encoded in PNGs as id = R + 256·G + 256²·B, 0 = VOID.
 """

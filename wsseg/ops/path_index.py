@@ -1,4 +1,4 @@
-"""Pairs of nearby pixels and the paths between them (IRN's path index, ALGORITHMS.md §1.4).
+"""Pairs of nearby pixels and the paths between them (IRN's path index, docs/ALGORITHMS.md §1.4).
 
 IRN compares every pixel (a *source*) with its neighbours within a radius r, at
 stride 4. The neighbour offsets form a half disc, so every unordered pair of pixels
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wsseg.class_ids import IGNORE
+
 # Pair codes returned by pair_labels (uint8).
 BG_POS = 0  # both pixels are background
 FG_POS = 1  # both pixels have the same foreground class
 NEG = 2  # the pixels have different classes
-IGNORE = 3  # either pixel is unsure (255)
-
-IGNORE_LABEL = 255
+UNSURE = 3  # either pixel is unsure (IGNORE in the relation map)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,7 +148,7 @@ def pair_labels(labels: Tensor, radius: int) -> Tensor:
 
     labels: (B, H, W) int64 class ids at stride 4 (0 background, 1..C foreground,
     255 unsure). Returns (B, D, H', W') uint8 with the layout of path_affinity:
-    BG_POS (both 0), FG_POS (same class > 0), NEG (different classes), IGNORE
+    BG_POS (both 0), FG_POS (same class > 0), NEG (different classes), UNSURE
     (either is 255). Built on the fly, so the data loader ships only label maps.
     """
     if labels.dim() != 3:
@@ -163,6 +163,6 @@ def pair_labels(labels: Tensor, radius: int) -> Tensor:
         same = source == target
         code[same & (source == 0)] = BG_POS
         code[same & (source != 0)] = FG_POS
-        code[(source == IGNORE_LABEL) | (target == IGNORE_LABEL)] = IGNORE
+        code[(source == IGNORE) | (target == IGNORE)] = UNSURE
         codes.append(code)
     return torch.stack(codes, dim=1)

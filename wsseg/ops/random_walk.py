@@ -1,4 +1,4 @@
-"""Random walk on the boundary-aware affinity graph (IRN, ALGORITHMS.md §1.6).
+"""Random walk on the boundary-aware affinity graph (IRN, docs/ALGORITHMS.md §1.6).
 
 Each pixel of the stride-4 map is linked to its neighbours within ``radius`` (the
 directions of path_index, both ways) with affinity a = 1 - max boundary on the path

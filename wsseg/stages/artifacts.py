@@ -1,4 +1,4 @@
-"""The files the stages exchange (DESIGN.md's artifact table), read and written in one place.
+"""The files the stages exchange (docs/DESIGN.md's artifact table), read and written in one place.
 
 Writers go through `atomic_path`, so a file that exists is whole. Readers of per-image
 artifacts return None for a damaged file (truncated by a full disk, say), so the stage

@@ -1,4 +1,4 @@
-"""make-cam: multi-scale + flip CAMs for every image (ALGORITHMS.md §1.2) into cams/<id>.npz.
+"""make-cam: multi-scale + flip CAMs for every image (docs/ALGORITHMS.md §1.2) into cams/<id>.npz.
 
 Covers the images of `data.label_list` and `data.eval_list`; resumes per image; under
 torchrun each rank takes its share. At the end it writes cams/levels.json, the CAMs'

@@ -1,4 +1,4 @@
-"""mine-relations: confident foreground / background / unsure maps (IRN's cam_to_ir_label, ALGORITHMS.md §1.3).
+"""mine-relations: confident foreground / background / unsure maps (IRN's cam_to_ir_label, docs/ALGORITHMS.md §1.3).
 
 Two DenseCRF-refined argmaxes of the CAMs with a constant background plane, one with a
 high score (conf_fg: only confident foreground survives) and one with a low score

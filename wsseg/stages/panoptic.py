@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wsseg.class_ids import IGNORE
 from wsseg.data.voc import VOCDataset
 from wsseg.errors import UserError
 from wsseg.metrics import panoptic_quality
@@ -24,13 +25,12 @@ from wsseg.ops.panoptic import decode_ids, encode_ids, panoptic_from_instances
 from wsseg.stages.synthesize_labels import Paths as LabelPaths
 from wsseg.store import RunStore, atomic_path, write_json
 
-VOID = 255
 SEGMENT_BASE = 256
 
 
 def encode_segments(segment_ids: np.ndarray, categories: dict[int, int]) -> np.ndarray:
     """(H, W) segment ids (0 = void) + {segment id: category} -> the (H, W) int64 code map."""
-    codes = np.full(segment_ids.shape, VOID, np.int64)
+    codes = np.full(segment_ids.shape, IGNORE, np.int64)
     per_category: dict[int, int] = {}
     for segment_id in sorted(categories):
         category = categories[segment_id]
@@ -74,7 +74,7 @@ def ground_truth_segments(dataset: VOCDataset, image_id: str) -> tuple[np.ndarra
     """VOC ground truth as panoptic segments: instances are things, background the one stuff class."""
     ids, classes = dataset.read_instances(image_id)
     ids = ids.astype(np.int64)
-    void = (ids == 65535) | (dataset.read_semantic(image_id) == 255)
+    void = (ids == 65535) | (dataset.read_semantic(image_id) == IGNORE)
     segments, info = panoptic_from_instances(np.where(void, 0, ids), classes, void)
     return segments, {s["id"]: s["category_id"] for s in info}, void
 

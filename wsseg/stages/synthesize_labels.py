@@ -1,4 +1,4 @@
-"""synthesize-labels: random walk + displacement field -> semantic, instance and panoptic labels (ALGORITHMS.md §1.6).
+"""synthesize-labels: random walk + displacement field -> semantic, instance and panoptic labels (docs/ALGORITHMS.md §1.6).
 
 Per image: IRN's boundary (image + flip) and displacement; the CAMs (raised to
 `labels.cam_power`) walked along the boundary-aware affinities; semantic labels from the
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from wsseg import viz
+from wsseg.class_ids import IGNORE
 from wsseg.config import Config
 from wsseg.context import StageContext
 from wsseg.data.images import write_rgb_png
@@ -223,7 +224,7 @@ def _ground_truth_instances(dataset, image_id: str):
     gt_ids, gt_classes = dataset.read_instances(image_id)
     gt_ids = gt_ids.astype(np.int64)
     void = gt_ids == 65535
-    semantic_void = dataset.read_semantic(image_id) == 255
+    semantic_void = dataset.read_semantic(image_id) == IGNORE
     return np.where(void, 0, gt_ids), gt_classes, void | semantic_void
 
 

@@ -1,4 +1,4 @@
-"""train-cam: the classification network whose CAMs seed everything (IRN, ALGORITHMS.md §1.1).
+"""train-cam: the classification network whose CAMs seed everything (IRN, docs/ALGORITHMS.md §1.1).
 
 Writes cam/model.pt (weights + the architecture facts needed to rebuild it) and
 cam/checkpoint.pt (resumable after every epoch). The record keeps the loss curves and

@@ -1,4 +1,4 @@
-"""train-irn: IRN's boundary and displacement heads, learned from the relation maps (ALGORITHMS.md §1.5).
+"""train-irn: IRN's boundary and displacement heads, learned from the relation maps (docs/ALGORITHMS.md §1.5).
 
 The backbone is initialised from `irn.backbone_init` (the trained CAM network, ImageNet,
 or a file) and frozen unless `irn.train_backbone`. Pair labels are built on the fly from

@@ -1,4 +1,4 @@
-"""train-segmenter: a fully supervised segmenter trained on the synthesized labels (ALGORITHMS.md §2).
+"""train-segmenter: a fully supervised segmenter trained on the synthesized labels (docs/ALGORITHMS.md §2).
 
 `segmenter.labels` picks the training masks: `pseudo` (labels/semantic from
 synthesize-labels), `gt` (the dataset's own masks, the fully supervised reference) or

@@ -1,4 +1,4 @@
-"""The segmenters of the last stage (ALGORITHMS.md §2), by the name `segmenter.model`
+"""The segmenters of the last stage (docs/ALGORITHMS.md §2), by the name `segmenter.model`
 uses. One line per model; docs/models/<name>.md describes each. Every class follows
 the segmenter contract (see common.Segmenter): constructor
 `(num_classes, *, depth, width, output_stride, aux, ...)`, `backbone`, forward -> dict

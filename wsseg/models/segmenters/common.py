@@ -1,4 +1,4 @@
-"""Parts the segmenters share (ALGORITHMS.md §2): the base class that implements the
+"""Parts the segmenters share (docs/ALGORITHMS.md §2): the base class that implements the
 segmenter contract, the auxiliary FCN head, ASPP (DeepLab v3) and ASPP-L (DeepLab v2),
 label-aware cross-entropy and small helpers.
 
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsseg.class_ids import IGNORE
 from wsseg.models.backbones import ResNet
 
-IGNORE_INDEX = 255
 # layer4 channels of the backbones the papers' head widths were designed for (R50/R101).
 REFERENCE_LAYER4_CHANNELS = 2048
 
@@ -112,8 +112,8 @@ def cross_entropy(logits: Tensor, labels: Tensor, size_from: str = "label") -> T
         labels = downsample_labels(labels, logits.shape[-2:])
     else:
         raise ValueError(f"size_from must be 'label' or 'logits', got {size_from!r}")
-    summed = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return summed / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    summed = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+    return summed / (labels != IGNORE).sum().clamp(min=1)
 
 
 class AuxHead(nn.Module):

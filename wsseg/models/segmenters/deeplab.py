@@ -1,5 +1,5 @@
 """DeepLab v1 (LargeFOV), v2 (ASPP-L, optional MSC), v3 (ASPP) and v3+ (ASPP + decoder)
-on a dilated ResNet (Chen et al. 2015, 2017, 2017, 2018; ALGORITHMS.md §2).
+on a dilated ResNet (Chen et al. 2015, 2017, 2017, 2018; docs/ALGORITHMS.md §2).
 
 v1 and v2 compute their loss on the labels downsampled to the logits (nearest,
 corner-aligned: `common.downsample_labels`), as the Caffe releases did; v3 and v3+

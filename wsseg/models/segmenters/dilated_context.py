@@ -1,5 +1,5 @@
 """Dilated convolutions with a context module (Yu & Koltun, "Multi-Scale Context
-Aggregation by Dilated Convolutions", ICLR 2016; ALGORITHMS.md §2 for the shared recipe).
+Aggregation by Dilated Convolutions", ICLR 2016; docs/ALGORITHMS.md §2 for the shared recipe).
 
 Front end: the backbone with its last two down-samplings removed and dilations 2 and 4
 in their place (output stride 8; the paper's VGG-16 drops pool4/pool5 and dilates conv5

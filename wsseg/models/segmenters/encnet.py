@@ -1,5 +1,5 @@
 """EncNet (Zhang et al., "Context Encoding for Semantic Segmentation", CVPR 2018;
-ALGORITHMS.md §2): a dilated ResNet at OS8, a 3x3 conv, and the context encoding
+docs/ALGORITHMS.md §2): a dilated ResNet at OS8, a 3x3 conv, and the context encoding
 module: an Encoding layer summarises the whole feature map into one vector e, which
 (a) rescales the channels of the feature map (γ = sigmoid(FC(e)), out = ReLU(X + X·γ))
 and (b) predicts which classes occur in the image (the SE-loss, a sigmoid BCE).
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsseg.class_ids import IGNORE
 from wsseg.models.backbones import resnet
 from wsseg.models.segmenters.common import (
-    IGNORE_INDEX,
     AuxHead,
     Segmenter,
     classifier,
@@ -119,9 +119,9 @@ def class_presence(labels: Tensor, num_classes: int) -> Tensor:
     class occurs in the image's label map (255 is not a class; absent classes are 0)."""
     batch = labels.shape[0]
     flat = labels.reshape(batch, -1)
-    valid = flat != IGNORE_INDEX
+    valid = flat != IGNORE
     if bool(((flat < 0) | (flat >= num_classes))[valid].any()):
-        raise ValueError(f"labels must be in 0..{num_classes - 1} or {IGNORE_INDEX}")
+        raise ValueError(f"labels must be in 0..{num_classes - 1} or {IGNORE}")
     # Ignored pixels go to an extra column that is dropped.
     index = torch.where(valid, flat, torch.full_like(flat, num_classes))
     presence = torch.zeros(batch, num_classes + 1, device=labels.device)

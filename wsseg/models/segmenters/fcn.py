@@ -1,5 +1,5 @@
 """Fully convolutional networks (Long, Shelhamer, Darrell, CVPR 2015) on a ResNet, and
-the toolboxes' dilated "FCN" (ALGORITHMS.md §2).
+the toolboxes' dilated "FCN" (docs/ALGORITHMS.md §2).
 
 FCN-32s/16s/8s keep the backbone at output stride 32 and fuse coarse and fine
 predictions: a 1x1 score layer on layer4 (stride 32); FCN-16s adds a score layer on

@@ -1,5 +1,5 @@
 """Test-time inference of the segmenters: whole image, sliding window, multi-scale +
-flip, DenseCRF (ALGORITHMS.md §2 "Inference", §3).
+flip, DenseCRF (docs/ALGORITHMS.md §2 "Inference", §3).
 
 Every function takes `predict`, any callable mapping a normalised batch (B, 3, h, w)
 to logits (B, K, h, w) at the input size: a segmenter's `model.predict` (see the

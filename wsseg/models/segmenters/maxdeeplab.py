@@ -1,5 +1,5 @@
 """MaX-DeepLab (Wang, Zhu, Adam, Yuille, Chen, "MaX-DeepLab: End-to-End Panoptic
-Segmentation with Mask Transformers", CVPR 2021; ALGORITHMS.md §2, §3) on a ResNet.
+Segmentation with Mask Transformers", CVPR 2021; docs/ALGORITHMS.md §2, §3) on a ResNet.
 
 N mask slots are a learned memory path next to the pixel path. Dual-path transformer
 blocks after the chosen backbone stages let the memory read the pixels and itself
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from wsseg.class_ids import IGNORE
 from wsseg.models.backbones import resnet
 from wsseg.models.segmenters.common import (
-    IGNORE_INDEX,
     Segmenter,
     classifier,
     conv_bn_relu,
@@ -472,7 +472,7 @@ def prepare_target(target: Mapping[str, Tensor], size: Sequence[int], num_classe
             raise ValueError(f"{name}: void is {tuple(void.shape)}, masks are {tuple(segment_map.shape)}")
         segment_map = torch.where(void, -1, segment_map)
     labels = torch.where(segment_map >= 0, classes[segment_map.clamp(min=0)] if classes.numel() else segment_map,
-                         IGNORE_INDEX)
+                         IGNORE)
     small = downsample_labels(segment_map, size).reshape(-1)
     present = torch.zeros(classes.numel() + 1, dtype=torch.bool, device=device)
     present[small + 1] = True
@@ -502,11 +502,11 @@ def panoptic_target(segment_ids: np.ndarray | Tensor, segments_info: Sequence[Ma
 def semantic_target(labels: Tensor) -> dict[str, Tensor]:
     """A semantic label map (H, W) int64 (255 ignored) -> a target dict with one segment
     per class present (no instances), for training on semantic labels."""
-    present = [int(c) for c in torch.unique(labels) if int(c) != IGNORE_INDEX]
+    present = [int(c) for c in torch.unique(labels) if int(c) != IGNORE]
     masks = torch.stack([labels == c for c in present]) if present else torch.zeros(
         0, *labels.shape, dtype=torch.bool, device=labels.device)
     return {"masks": masks, "classes": torch.tensor(present, dtype=torch.long, device=labels.device),
-            "void": labels == IGNORE_INDEX}
+            "void": labels == IGNORE}
 
 
 def panoptic_from_slots(mask_probs: Tensor, class_probs: Tensor, *, stuff_classes: Sequence[int] = (0,),

@@ -1,5 +1,5 @@
 """MCIBI (Jin et al., "Mining Contextual Information Beyond Image for Semantic
-Segmentation", ICCV 2021; ALGORITHMS.md §2) on the DeepLab v3 base.
+Segmentation", ICCV 2021; docs/ALGORITHMS.md §2) on the DeepLab v3 base.
 
 A dataset-level memory M holds one 512-d feature per class. Each image reads it through
 its own coarse prediction: the pixel representation R (3x3 conv on layer4) gives
@@ -31,10 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsseg.class_ids import IGNORE
 from wsseg.models.backbones import resnet
 from wsseg.models.segmenters.common import (
     ASPP,
-    IGNORE_INDEX,
     AuxHead,
     Segmenter,
     classifier,
@@ -280,9 +280,9 @@ def class_statistics(features: Tensor, labels: Tensor, memory: Tensor, initialis
     num_classes, dims = memory.shape
     points = features.permute(0, 2, 3, 1).reshape(-1, dims)
     classes = labels.reshape(-1)
-    valid = classes != IGNORE_INDEX
+    valid = classes != IGNORE
     if bool(((classes < 0) | (classes >= num_classes))[valid].any()):
-        raise ValueError(f"labels must be in 0..{num_classes - 1} or {IGNORE_INDEX}")
+        raise ValueError(f"labels must be in 0..{num_classes - 1} or {IGNORE}")
     points, classes = points[valid], classes[valid]
     rows = memory[classes].to(points.dtype)
     weights = 1.0 - F.cosine_similarity(points, rows, dim=1)

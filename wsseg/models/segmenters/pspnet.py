@@ -1,4 +1,4 @@
-"""PSPNet (Zhao et al., CVPR 2017; ALGORITHMS.md §2): dilated ResNet at OS8, pyramid
+"""PSPNet (Zhao et al., CVPR 2017; docs/ALGORITHMS.md §2): dilated ResNet at OS8, pyramid
 pooling module, 3x3 conv, dropout, classifier; aux head on layer3 with weight 0.4
 (the paper's deep supervision).
 """

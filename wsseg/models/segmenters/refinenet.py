@@ -1,5 +1,5 @@
 """RefineNet (Lin, Milan, Shen, Reid, "RefineNet: Multi-Path Refinement Networks for
-High-Resolution Semantic Segmentation", CVPR 2017; ALGORITHMS.md §2 for the shared
+High-Resolution Semantic Segmentation", CVPR 2017; docs/ALGORITHMS.md §2 for the shared
 recipe): a standard ResNet at output stride 32 whose four stages (strides 4, 8, 16, 32)
 are merged from the deepest to the finest by RefineNet blocks, giving logits at stride 4.
 
