@@ -153,14 +153,15 @@ def test_ap_duplicate_is_false_positive():
     assert result["ap50"] == pytest.approx(5 / 6)
 
 
-def test_ap_matches_best_unmatched_ground_truth():
-    # Overlapping GT stack: A = 0..3 (4 px), B = 0..5 (6 px). Both detections are 0..3:
-    # the first takes A (IoU 1 > 4/6); the second's best unmatched GT is B (IoU 4/6 >= 0.5).
+def test_ap_takes_the_best_iou_ground_truth_even_when_it_is_taken():
+    # Overlapping GT stack: A = 0..3 (4 px), B = 0..5 (6 px). Both detections are 0..3: the
+    # first takes A (IoU 1); the second's best GT is A again (IoU 1 > 4/6), already taken: a
+    # false positive, as in chainercv, although B (IoU 4/6) is still free.
     gt = (row_masks([0, 1, 2, 3], [0, 1, 2, 3, 4, 5]), np.array([1, 1]))
     pred = (row_masks([0, 1, 2, 3], [0, 1, 2, 3]), np.array([1, 1]), np.array([0.9, 0.8]))
     result = instance_average_precision([pred], [gt], num_classes=2, iou_thresholds=(0.5, 0.75))
-    assert result["ap50"] == pytest.approx(1.0)
-    # at 0.75 the second is an FP: TP, FP -> precision 1, 1/2; recall 1/2, 1/2 -> AP 1/2
+    # TP, FP: precision 1, 1/2; recall 1/2, 1/2 -> AP 1/2 at both thresholds
+    assert result["ap50"] == pytest.approx(0.5)
     assert result["ap75"] == pytest.approx(0.5)
     assert result["per_class_ap75"] == {"1": pytest.approx(0.5)}
 
@@ -178,17 +179,158 @@ def test_coco_ap_perfect_prediction_is_one():
     assert result["ap50"] == pytest.approx(1.0)
 
 
-def test_ap_void_pixels_do_not_count():
+def test_ap_void_leaves_the_ground_truth_but_counts_in_the_prediction():
     gt_ids = np.array([[1, 1, 0, 0]])
     pred = (np.array([[1, 1, 1, 1]]), np.array([1]), np.array([0.5]))
-    # without void: IoU = 2/4 = 0.5 -> TP only at 0.50 of the ten thresholds -> ap = 1/10
-    plain = instance_average_precision([pred], [(gt_ids, np.array([1]))], num_classes=2)
-    assert plain["ap50"] == pytest.approx(1.0)
-    assert plain["ap"] == pytest.approx(0.1)
-    # pixels 2, 3 void: IoU = 2/2 = 1 at every threshold
     void = np.array([[False, False, True, True]])
-    voided = instance_average_precision([pred], [(gt_ids, np.array([1]), void)], num_classes=2)
-    assert voided["ap"] == pytest.approx(1.0)
+    # the field's rule: pixels 2, 3 are void, the prediction still covers them: IoU 2/4 = 0.5,
+    # a TP only at IoU 0.50 of the ten thresholds -> ap = 1/10
+    scored = instance_average_precision([pred], [(gt_ids, np.array([1]), void)], num_classes=2)
+    assert scored["ap50"] == pytest.approx(1.0) and scored["ap"] == pytest.approx(0.1)
+    # the void-free column removes them from the prediction too: IoU 2/2
+    assert scored["ap50_void_free"] == pytest.approx(1.0)
+    # a GT mask drawn over the outline is cut back to the non-void pixels: 0..1 of 0..3
+    over = instance_average_precision([(np.array([[1, 1, 0, 0]]), np.array([1]), np.array([0.5]))],
+                                      [(np.array([[1, 1, 1, 1]]), np.array([1]), void)], num_classes=2)
+    assert over["ap"] == pytest.approx(1.0)
+    # where the outline decides: prediction 0..2 of a GT 0..1 with pixel 2 void, IoU 2/3 counted,
+    # 1 void-free; at IoU 0.75 only the void-free rule would call it a hit
+    tight = (np.array([[1, 1, 1, 0]]), np.array([1]), np.array([0.5]))
+    at75 = instance_average_precision([tight], [(gt_ids, np.array([1]), np.array([[False, False, True, False]]))],
+                                      num_classes=2, iou_thresholds=(0.75,))
+    assert at75["ap75"] == 0.0 and at75["ap50"] == pytest.approx(1.0)
+
+
+def _chainercv_ap50(predictions, ground_truths, num_classes):
+    """A slow, literal re-statement of chainercv's eval_instance_segmentation_voc at IoU 0.5:
+    per image and class, detections by descending score, each takes argmax-IoU GT; then the
+    PR curve over all images."""
+    scores, matches, num_gt = {}, {}, {}
+    for (p_ids, p_cls, p_sc), (g_ids, g_cls, void) in zip(predictions, ground_truths):
+        for c in range(1, num_classes):
+            pm = [p_ids == k + 1 for k in range(len(p_cls)) if p_cls[k] == c]
+            ps = [p_sc[k] for k in range(len(p_cls)) if p_cls[k] == c]
+            gm = [(g_ids == k + 1) & ~void for k in range(len(g_cls)) if g_cls[k] == c]
+            num_gt[c] = num_gt.get(c, 0) + len(gm)
+            order = sorted(range(len(ps)), key=lambda i: -ps[i])
+            selected = [False] * len(gm)
+            for i in order:
+                scores.setdefault(c, []).append(ps[i])
+                ious = [(pm[i] & g).sum() / max((pm[i] | g).sum(), 1) for g in gm]
+                if ious and max(ious) >= 0.5:
+                    j = int(np.argmax(ious))
+                    matches.setdefault(c, []).append(0 if selected[j] else 1)
+                    selected[j] = True
+                else:
+                    matches.setdefault(c, []).append(0)
+    aps = []
+    for c in range(1, num_classes):
+        if num_gt.get(c, 0) == 0:
+            continue
+        order = np.argsort(-np.array(scores.get(c, [])), kind="stable")
+        match = np.array(matches.get(c, []), dtype=int)[order]
+        tp, fp = np.cumsum(match == 1), np.cumsum(match == 0)
+        precision = tp / np.maximum(tp + fp, 1)
+        recall = tp / num_gt[c]
+        mpre = np.concatenate([[0], precision, [0]])
+        mrec = np.concatenate([[0], recall, [1]])
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        i = np.where(mrec[1:] != mrec[:-1])[0]
+        aps.append(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+    return float(np.mean(aps))
+
+
+def _random_instance_set(seed, images=12, size=(24, 32), num_classes=4):
+    """Disjoint GT instances with a void band around each (as VOC draws them), and noisy
+    predictions: shifted, grown, shrunk, missed, duplicated and invented ones, with scores."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    predictions, ground_truths = [], []
+    for _ in range(images):
+        gt_ids = np.zeros(size, np.int64)
+        classes = []
+        for k in range(rng.integers(1, 5)):
+            top, left = rng.integers(0, size[0] - 6), rng.integers(0, size[1] - 6)
+            h, w = rng.integers(4, 12), rng.integers(4, 14)
+            gt_ids[top : top + h, left : left + w] = len(classes) + 1
+            classes.append(int(rng.integers(1, num_classes)))
+        present = [k for k in range(1, len(classes) + 1) if (gt_ids == k).any()]
+        remap = np.zeros(len(classes) + 1, np.int64)
+        remap[present] = np.arange(1, len(present) + 1)
+        gt_ids, classes = remap[gt_ids], np.array([classes[k - 1] for k in present])
+        void = np.zeros(size, bool)  # a 1-px outline on each object's edge, as VOC draws it
+        for k in range(1, len(classes) + 1):
+            mask = gt_ids == k
+            void |= mask & ~ndimage.binary_erosion(mask)
+        pred_ids = np.zeros(size, np.int64)
+        pred_classes, pred_scores = [], []
+        for k in range(1, len(classes) + 1):
+            if rng.random() < 0.15:
+                continue  # missed
+            mask = np.roll(gt_ids == k, tuple(rng.integers(-1, 2, 2)), axis=(0, 1))
+            if rng.random() < 0.3:
+                mask = ndimage.binary_dilation(mask)
+            pred_ids[mask & (pred_ids == 0)] = len(pred_classes) + 1
+            pred_classes.append(classes[k - 1] if rng.random() > 0.1 else int(rng.integers(1, num_classes)))
+            pred_scores.append(float(rng.random()))
+        for _ in range(rng.integers(0, 3)):  # invented
+            top, left = rng.integers(0, size[0] - 4), rng.integers(0, size[1] - 4)
+            pred_ids[top : top + 4, left : left + 5][pred_ids[top : top + 4, left : left + 5] == 0] = len(pred_classes) + 1
+            pred_classes.append(int(rng.integers(1, num_classes)))
+            pred_scores.append(float(rng.random()))
+        kept = [k for k in range(1, len(pred_classes) + 1) if (pred_ids == k).any()]
+        remap = np.zeros(len(pred_classes) + 1, np.int64)
+        remap[kept] = np.arange(1, len(kept) + 1)
+        predictions.append((remap[pred_ids], np.array([pred_classes[k - 1] for k in kept], np.int64),
+                            np.array([pred_scores[k - 1] for k in kept])))
+        ground_truths.append((gt_ids, classes, void))
+    return predictions, ground_truths
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ap50_equals_a_literal_chainercv_restatement(seed):
+    predictions, ground_truths = _random_instance_set(seed)
+    ours = instance_average_precision(predictions, ground_truths, num_classes=4)["ap50"]
+    assert ours == pytest.approx(_chainercv_ap50(predictions, ground_truths, 4), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ap50_agrees_with_pycocotools(seed):
+    """COCOeval at IoU 0.5 scores predictions as they are against ground truth without the void
+    pixels, like chainercv; it differs by its 101-point interpolation (and by matching the best
+    unmatched instance, which disjoint ground truth makes rare)."""
+    coco = pytest.importorskip("pycocotools.coco")
+    from pycocotools import mask as mask_utils
+    from pycocotools.cocoeval import COCOeval
+
+    predictions, ground_truths = _random_instance_set(seed)
+    height, width = ground_truths[0][0].shape
+    images, annotations, detections = [], [], []
+    for index, ((p_ids, p_cls, p_sc), (g_ids, g_cls, void)) in enumerate(zip(predictions, ground_truths)):
+        images.append({"id": index, "height": height, "width": width})
+        for k, c in enumerate(g_cls):
+            rle = mask_utils.encode(np.asfortranarray(((g_ids == k + 1) & ~void).astype(np.uint8)))
+            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": int(c), "iscrowd": 0,
+                                "segmentation": rle, "area": float(mask_utils.area(rle)),
+                                "bbox": list(mask_utils.toBbox(rle))})
+        for k, c in enumerate(p_cls):
+            rle = mask_utils.encode(np.asfortranarray((p_ids == k + 1).astype(np.uint8)))
+            detections.append({"image_id": index, "category_id": int(c), "segmentation": rle, "score": float(p_sc[k])})
+    truth = coco.COCO()
+    truth.dataset = {"images": images, "annotations": annotations,
+                     "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}
+    truth.createIndex()
+    evaluation = COCOeval(truth, truth.loadRes(detections), "segm")
+    evaluation.params.maxDets = [1, 10, 1000]
+    evaluation.evaluate()
+    evaluation.accumulate()
+    precision = evaluation.eval["precision"][0, :, :, 0, 2]  # IoU 0.5, all recalls, classes, all areas, 1000 dets
+    coco_ap50 = float(np.mean([precision[:, k][precision[:, k] > -1].mean() for k in range(precision.shape[1])
+                               if (precision[:, k] > -1).any()]))
+    ours = instance_average_precision(predictions, ground_truths, num_classes=4)
+    assert abs(ours["ap50"] - coco_ap50) < 0.01, (ours["ap50"], coco_ap50)
+    assert ours["ap50_void_free"] > ours["ap50"]  # the outlines cost the predictions something here
 
 
 def test_ap_empty_images_and_classes_without_gt():

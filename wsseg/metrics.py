@@ -192,8 +192,9 @@ def _mask_stack(masks: np.ndarray, count: int, what: str) -> np.ndarray:
     raise ValueError(f"{what}: masks must be (M, H, W) or an (H, W) id map, got {masks.shape}")
 
 
-def _mask_iou(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None) -> np.ndarray:
-    """(M, G) IoU of boolean masks (M, H, W) and (G, H, W), pixels on void left out."""
+def _mask_iou(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None) -> np.ndarray:
+    """(M, G) IoU of boolean masks (M, H, W) and (G, H, W); with `void` (H, W), those pixels
+    are taken out of both masks first."""
     keep = np.ones(pred.shape[1:], dtype=bool) if void is None else ~void
     p = pred[:, keep].astype(np.float64)
     g = gt[:, keep].astype(np.float64)
@@ -219,6 +220,26 @@ def _average_precision(is_tp: np.ndarray, num_gt: int) -> float:
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
 
 
+def _class_ap(image_of: list[int], scores: list[float], ious: list[np.ndarray], num_gt: int, threshold: float) -> float:
+    """One class's AP: detections in descending score order (ties keep their order); each is a
+    true positive when its highest-IoU ground truth in its image reaches `threshold` and was not
+    taken by an earlier detection (chainercv's rule: a duplicate is a false positive, even if
+    another instance would have matched)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    taken: dict[int, np.ndarray] = {}
+    is_tp = np.zeros(order.size, dtype=bool)
+    for rank, d in enumerate(order):
+        row = ious[d]
+        if row.size == 0:
+            continue
+        best = int(np.argmax(row))
+        if row[best] >= threshold:
+            used = taken.setdefault(image_of[d], np.zeros(row.size, dtype=bool))
+            is_tp[rank] = not used[best]
+            used[best] = True
+    return _average_precision(is_tp, num_gt)
+
+
 def instance_average_precision(
     predictions: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     ground_truths: Sequence[tuple],
@@ -226,35 +247,35 @@ def instance_average_precision(
     iou_thresholds: Sequence[float] = (0.5,),
     class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """VOC-style instance segmentation AP per class, and its COCO-style mean.
+    """Instance segmentation AP per class as the weakly supervised literature computes it
+    (chainercv's `eval_instance_segmentation_voc`, which IRN's AP50 of 37.7 used), and its
+    COCO-style mean over IoU thresholds.
 
     predictions: per image (masks, classes, scores): masks (M, H, W) bool, or an
     (H, W) int id map where id k (1..M) is instance k−1 and any other value is none
     (synthesize-labels' `ids`); classes (M,) 1-based class ids; scores (M,) float.
     ground_truths: per image (masks, classes) or (masks, classes, void): masks and
-    classes (G,) as above; void (H, W) bool or None. Void pixels (VOC's 255 object
-    boundaries) are left out of both masks before the IoU, so a prediction is not
-    penalised for covering them. num_classes: including background (C + 1); classes
-    1..C are evaluated.
+    classes (G,) as above; void (H, W) bool or None: VOC's 255 object outlines.
+    num_classes: including background (C + 1); classes 1..C are evaluated.
 
-    Per class and IoU threshold, the class's detections over all images are sorted by
-    score (descending; ties keep image order, then order within the image). Each in
-    turn matches the unmatched ground-truth instance of its class in its image with
-    the highest mask IoU, if that IoU >= the threshold; otherwise (including a
-    duplicate of an already matched instance) it is a false positive. (The VOC devkit
-    and chainercv, which IRN's numbers used, take the best-IoU GT even if matched and
-    then call it an FP; for disjoint GT such as VOC's id maps the two rules differ
-    only when a detection has IoU exactly 0.5 with two instances.) AP is the area
-    under the precision-recall curve with precision made monotone decreasing, summed
-    over every recall step (VOC 2010+, not 11-point). A class without ground truth
-    has no AP (None) and is left out of the means.
+    The field's convention: void pixels are removed from the ground-truth masks only; a
+    predicted mask is scored as it is, so its pixels on an outline count in its area (the
+    union) and never in the intersection. Per class and IoU threshold, the class's
+    detections over all images are sorted by score (descending; ties keep image order, then
+    order within the image); each takes the ground-truth instance of its class in its image
+    with the highest mask IoU and is a true positive if that IoU reaches the threshold and no
+    earlier detection took the same instance; otherwise it is a false positive. AP is the
+    area under the precision-recall curve with precision made non-increasing, summed over
+    every recall step (VOC 2010+, not 11 points). A class without ground truth has no AP
+    (None) and is left out of the means.
 
-    Returns {"ap50": mean AP over classes at IoU 0.5, "ap": mean over IoU
-    0.50:0.05:0.95 of the per-threshold means (COCO's thresholds, with the same
-    all-point AP rather than COCO's 101-point sampling), "per_class_ap50": {name: AP},
-    and for every other threshold t in iou_thresholds "ap{100t}" and
-    "per_class_ap{100t}"}. class_names: all num_classes names, background first; the
-    per-class keys are those of classes 1..C (default "1".."C").
+    Returns {"ap50": mean AP over classes at IoU 0.5, "ap": mean over IoU 0.50:0.05:0.95 of
+    the per-threshold means (COCO's thresholds with the all-point area, not COCO's 101-point
+    sampling), "per_class_ap50": {name: AP}, "ap50_void_free" and "per_class_ap50_void_free":
+    the same at IoU 0.5 with void pixels removed from the predictions too (higher; not
+    comparable with published numbers), and for every other threshold t in iou_thresholds
+    "ap{100t}" and "per_class_ap{100t}"}. class_names: all num_classes names, background
+    first; the per-class keys are those of classes 1..C (default "1".."C").
     """
     if len(predictions) != len(ground_truths):
         raise ValueError(f"{len(predictions)} predictions but {len(ground_truths)} ground truths")
@@ -263,11 +284,12 @@ def instance_average_precision(
     report = sorted({round(float(t), 2) for t in iou_thresholds} | {0.5})
     all_thresholds = sorted(set(report) | set(COCO_IOU_THRESHOLDS))
 
-    # Per class: the image index, score and IoU row (to the class's GT there) of every
-    # detection, and the number of GT instances. IoUs are computed once per image.
+    # Per class: the image index, score and IoU rows (to the class's GT there, with void pixels
+    # counted in the prediction, and removed) of every detection, and the number of GT instances.
     det_image: dict[int, list[int]] = {c: [] for c in foreground}
     det_score: dict[int, list[float]] = {c: [] for c in foreground}
     det_iou: dict[int, list[np.ndarray]] = {c: [] for c in foreground}
+    det_iou_void_free: dict[int, list[np.ndarray]] = {c: [] for c in foreground}
     gt_count = dict.fromkeys(foreground, 0)
     for index, (pred, gt) in enumerate(zip(predictions, ground_truths)):
         pred_masks, pred_classes, scores = pred
@@ -290,7 +312,10 @@ def instance_average_precision(
             void is not None and void.shape != gt_stack.shape[1:]
         ):
             raise ValueError(f"image {index}: prediction, ground truth and void differ in size")
-        iou = _mask_iou(pred_stack, gt_stack, void)
+        if void is not None:
+            gt_stack = gt_stack & ~void  # ground truth never covers void
+        iou = _mask_iou(pred_stack, gt_stack)
+        iou_void_free = iou if void is None else _mask_iou(pred_stack, gt_stack, void)
         for c in np.unique(np.concatenate([pred_classes, gt_classes])):
             c = int(c)
             rows = np.flatnonzero(pred_classes == c)
@@ -300,38 +325,27 @@ def instance_average_precision(
                 det_image[c].append(index)
                 det_score[c].append(float(scores[row]))
                 det_iou[c].append(iou[row, cols])
+                det_iou_void_free[c].append(iou_void_free[row, cols])
 
-    per_threshold: dict[float, dict[int, float]] = {t: {} for t in all_thresholds}
-    for c in foreground:
-        order = np.argsort(-np.asarray(det_score[c], dtype=np.float64), kind="stable")
-        for threshold in all_thresholds:
-            matched: dict[int, np.ndarray] = {}
-            is_tp = np.zeros(order.size, dtype=bool)
-            for rank, d in enumerate(order):
-                ious = det_iou[c][d]
-                if ious.size == 0:
-                    continue
-                taken = matched.setdefault(det_image[c][d], np.zeros(ious.size, dtype=bool))
-                candidates = np.where(taken, -1.0, ious)
-                best = int(np.argmax(candidates))
-                if candidates[best] >= threshold:
-                    taken[best] = True
-                    is_tp[rank] = True
-            per_threshold[threshold][c] = _average_precision(is_tp, gt_count[c])
+    per_threshold = {t: {c: _class_ap(det_image[c], det_score[c], det_iou[c], gt_count[c], t) for c in foreground}
+                     for t in all_thresholds}
+    void_free = {c: _class_ap(det_image[c], det_score[c], det_iou_void_free[c], gt_count[c], 0.5) for c in foreground}
 
-    def mean_ap(threshold: float) -> float:
-        return _nanmean(np.array([per_threshold[threshold][c] for c in foreground]))
+    def mean_ap(per_class: dict[int, float]) -> float:
+        return _nanmean(np.array([per_class[c] for c in foreground]))
 
     result: dict[str, Any] = {
-        "ap50": _json_float(mean_ap(0.5)),
-        "ap": _json_float(_nanmean(np.array([mean_ap(t) for t in COCO_IOU_THRESHOLDS]))),
+        "ap50": _json_float(mean_ap(per_threshold[0.5])),
+        "ap": _json_float(_nanmean(np.array([mean_ap(per_threshold[t]) for t in COCO_IOU_THRESHOLDS]))),
     }
     for threshold in report:
         tag = f"{round(threshold * 100):d}"
-        result[f"ap{tag}"] = _json_float(mean_ap(threshold))
+        result[f"ap{tag}"] = _json_float(mean_ap(per_threshold[threshold]))
         result[f"per_class_ap{tag}"] = {
             name: _json_float(per_threshold[threshold][c]) for name, c in zip(names, foreground)
         }
+    result["ap50_void_free"] = _json_float(mean_ap(void_free))
+    result["per_class_ap50_void_free"] = {name: _json_float(void_free[c]) for name, c in zip(names, foreground)}
     return result
 
 

@@ -90,3 +90,28 @@ def test_interrupted_synthesis_redoes_only_missing_images(labels_run, tmp_path):
     for image_id in removed:
         assert np.array_equal(artifacts.read_labels(Paths(store, image_id).semantic),
                               artifacts.read_labels(Paths(original, image_id).semantic))
+
+
+def test_a_damaged_segments_file_is_reported_left_out_and_recomputed(labels_run, tmp_path, caplog):
+    """A truncated labels/panoptic/<id>.json must not crash the panoptic evaluation: it is named in
+    one warning, left out, and the next run of the stage recomputes it."""
+    import wsseg.stages.synthesize_labels as synthesize
+
+    run = tmp_path / "run"
+    shutil.copytree(labels_run.run.dir, run)
+    config = tiny_config(labels_run.data.root, run)
+    store = RunStore(run)
+    full = synthesize.evaluate_panoptic(config, store)
+    victim = next(i for i in artifacts.image_ids(config, "data.eval_list")
+                  if artifacts.open_dataset(config).has_instances(i))
+    segments = Paths(store, victim).segments
+    original = segments.read_bytes()
+    segments.write_bytes(original[: len(original) // 2])
+    with caplog.at_level("WARNING", logger="wsseg"):
+        partial = synthesize.evaluate_panoptic(config, store)
+    assert partial["panoptic_evaluated_images"] == full["panoptic_evaluated_images"] - 1
+    assert any(victim in r.getMessage() and "panoptic label files" in r.getMessage() for r in caplog.records)
+    assert synthesize.damaged(config, store) == [victim]
+    pipeline.run_stage(synthesize.STAGE, config)  # complete but damaged: just that image is redone
+    assert segments.read_bytes() == original
+    assert synthesize.evaluate_panoptic(config, store) == full

@@ -46,7 +46,6 @@ def test_maxdeeplab_trains_on_panoptic_labels_and_reports_pq(labels_run):
 def test_panoptic_predictions_are_written_and_drawn(labels_run, tmp_path):
     from wsseg.inspect import inspect
     from wsseg.stages import artifacts
-    from wsseg.stages.panoptic import read_panoptic
 
     config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=maxdeeplab", "segmenter.labels=both",
                          "segmenter.eval_mode=single", "segmenter.options.maxdeeplab.num_slots=8",
@@ -57,7 +56,7 @@ def test_panoptic_predictions_are_written_and_drawn(labels_run, tmp_path):
     pipeline.run_stage(train_segmenter.STAGE, config)  # up to date (skipped) when the test above trained it
     store = RunStore(config.run.dir)
     val_id = artifacts.image_ids(config, "data.val_list")[0]
-    predicted = read_panoptic(store.folder("segmenter/maxdeeplab/pseudo/panoptic"), val_id)
+    predicted = artifacts.read_panoptic(store.folder("segmenter/maxdeeplab/pseudo/panoptic"), val_id)
     assert predicted is not None
     segments, categories = predicted
     assert set(np.unique(segments).tolist()) - {0} <= set(categories)

@@ -9,6 +9,7 @@ image lists from the config, and building networks from files other stages wrote
 from __future__ import annotations
 
 import io
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -133,3 +134,28 @@ def encode_npz(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
+
+
+def read_panoptic(folder: Path, image_id: str) -> tuple[np.ndarray, dict[int, int]] | None:
+    """A COCO-panoptic label, `<folder>/<id>.png` (id = R + 256·G + 256²·B) with `<id>.json`
+    (segments_info), as (segment ids (H, W) int64, {segment id: category}); None if either
+    file is missing or damaged."""
+    from PIL import Image
+
+    from wsseg.ops.panoptic import decode_ids
+
+    try:
+        with Image.open(folder / f"{image_id}.png") as image:
+            segments = decode_ids(np.asarray(image.convert("RGB")))
+        info = json.loads((folder / f"{image_id}.json").read_text())["segments_info"]
+        return segments, {int(s["id"]): int(s["category_id"]) for s in info}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def warn_damaged(what: str, missing: list[str], total: int, stage: str) -> None:
+    """One line for the images an evaluation had to leave out because their files do not read back."""
+    if missing:
+        logging.getLogger("wsseg").warning(
+            "%d of %d %s are missing or damaged (e.g. %s); they are left out of this evaluation; "
+            "`wsseg %s` recomputes them", len(missing), total, what, missing[0], stage)

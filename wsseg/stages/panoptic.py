@@ -9,20 +9,18 @@ segments (masks + categories) from the augmented map.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from wsseg.class_ids import IGNORE
+from wsseg.data.images import write_rgb_png
 from wsseg.data.voc import VOCDataset
 from wsseg.errors import UserError
 from wsseg.metrics import panoptic_quality
-from wsseg.data.images import write_rgb_png
-from wsseg.ops.panoptic import decode_ids, encode_ids, panoptic_from_instances
-from wsseg.stages.synthesize_labels import Paths as LabelPaths
+from wsseg.ops.panoptic import encode_ids, panoptic_from_instances
+from wsseg.stages.artifacts import read_panoptic
 from wsseg.store import RunStore, atomic_path, write_json
 
 SEGMENT_BASE = 256
@@ -60,14 +58,10 @@ class PseudoPanoptic:
         self.run_dir = run_dir
 
     def __call__(self, image_id: str) -> np.ndarray:
-        paths = LabelPaths(RunStore(self.run_dir), image_id)
-        try:
-            with Image.open(paths.panoptic) as image:
-                segment_ids = decode_ids(np.asarray(image.convert("RGB")))
-            info = json.loads(paths.segments.read_text())["segments_info"]
-        except (OSError, ValueError, KeyError):
-            raise UserError(f"labels/panoptic/{image_id}: missing or damaged; rerun synthesize-labels") from None
-        return encode_segments(segment_ids, {s["id"]: s["category_id"] for s in info})
+        label = read_panoptic(RunStore(self.run_dir).folder("labels/panoptic"), image_id)
+        if label is None:
+            raise UserError(f"labels/panoptic/{image_id}: missing or damaged; rerun synthesize-labels")
+        return encode_segments(*label)
 
 
 def ground_truth_segments(dataset: VOCDataset, image_id: str) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
@@ -120,16 +114,6 @@ def write_panoptic(folder: Path, image_id: str, segments: np.ndarray, info: list
     with atomic_path(folder / f"{image_id}.png") as tmp:
         write_rgb_png(tmp, encode_ids(segments))
     write_json(folder / f"{image_id}.json", {"image_id": image_id, "segments_info": info})
-
-
-def read_panoptic(folder: Path, image_id: str) -> tuple[np.ndarray, dict[int, int]] | None:
-    try:
-        with Image.open(folder / f"{image_id}.png") as image:
-            segments = decode_ids(np.asarray(image.convert("RGB")))
-        info = json.loads((folder / f"{image_id}.json").read_text())["segments_info"]
-    except (OSError, ValueError, KeyError):
-        return None
-    return segments, {s["id"]: s["category_id"] for s in info}
 
 
 def is_panoptic(model) -> bool:

@@ -25,7 +25,7 @@ from wsseg.data.transforms import normalize
 from wsseg.metrics import ConfusionMatrix, instance_average_precision, panoptic_quality
 from wsseg.models.irn import boundary_inference
 from wsseg.ops.instances import centroid_groups, instance_seeds, instances_from_walk
-from wsseg.ops.panoptic import decode_ids, encode_ids, panoptic_from_instances
+from wsseg.ops.panoptic import encode_ids, panoptic_from_instances
 from wsseg.ops.random_walk import random_walk
 from wsseg.stage import Stage, fmt
 from wsseg.stages import artifacts
@@ -211,13 +211,17 @@ def evaluate_semantic(config: Config, store: RunStore, progress=None) -> dict:
     dataset = artifacts.open_dataset(config)
     ids = _eval_ids(config, store, dataset)
     matrix = ConfusionMatrix(len(config.data.classes) + 1)
+    damaged = []
     for image_id in (progress(ids, desc="evaluating semantic labels") if progress else ids):
         labels = artifacts.read_labels(Paths(store, image_id).semantic)
-        if labels is not None:
-            matrix.update(labels, dataset.read_semantic(image_id))
+        if labels is None:
+            damaged.append(image_id)
+            continue
+        matrix.update(labels, dataset.read_semantic(image_id))
+    artifacts.warn_damaged("semantic label files", damaged, len(ids), STAGE.name)
     summary = matrix.summary(["background", *config.data.classes])
     return {"semantic_miou": summary["miou"], "semantic_per_class_iou": summary["per_class_iou"],
-            "semantic_pixel_accuracy": summary["pixel_accuracy"], "evaluated_images": len(ids)}
+            "semantic_pixel_accuracy": summary["pixel_accuracy"], "evaluated_images": len(ids) - len(damaged)}
 
 
 def _ground_truth_instances(dataset, image_id: str):
@@ -231,36 +235,36 @@ def _ground_truth_instances(dataset, image_id: str):
 def evaluate_instance(config: Config, store: RunStore, progress=None) -> dict:
     dataset = artifacts.open_dataset(config)
     ids = [i for i in _eval_ids(config, store, dataset) if dataset.has_instances(i)]
-    predictions, truths = [], []
+    predictions, truths, damaged = [], [], []
     for image_id in (progress(ids, desc="evaluating instance labels") if progress else ids):
         predicted = read_instances(Paths(store, image_id).instance)
         if predicted is None:
+            damaged.append(image_id)
             continue
         predictions.append(predicted)
         truths.append(_ground_truth_instances(dataset, image_id))
+    artifacts.warn_damaged("instance label files", damaged, len(ids), STAGE.name)
     if not predictions:
         return {"instance_evaluated_images": 0}
     result = instance_average_precision(predictions, truths, len(config.data.classes) + 1,
                                         class_names=["background", *config.data.classes])
     return {"instance_ap50": result["ap50"], "instance_ap": result["ap"], "instance_per_class_ap50": result["per_class_ap50"],
-            "instance_evaluated_images": len(predictions)}
+            "instance_ap50_void_free": result["ap50_void_free"], "instance_evaluated_images": len(predictions)}
 
 
 def evaluate_panoptic(config: Config, store: RunStore, progress=None) -> dict:
     dataset = artifacts.open_dataset(config)
     ids = [i for i in _eval_ids(config, store, dataset) if dataset.has_instances(i)]
-    pairs = []
+    pairs, damaged = [], []
     for image_id in (progress(ids, desc="evaluating panoptic labels") if progress else ids):
-        paths = Paths(store, image_id)
-        entry = read_json(paths.segments)
-        try:
-            predicted = decode_ids(np.asarray(_read_rgb(paths.panoptic)))
-        except (OSError, ValueError):
+        predicted = artifacts.read_panoptic(store.folder("labels/panoptic"), image_id)
+        if predicted is None:
+            damaged.append(image_id)
             continue
         gt_ids, gt_classes, void = _ground_truth_instances(dataset, image_id)
         gt_segments, gt_info = panoptic_from_instances(gt_ids, gt_classes, void)
-        pairs.append((predicted, {s["id"]: s["category_id"] for s in entry["segments_info"]},
-                      gt_segments, {s["id"]: s["category_id"] for s in gt_info}, void))
+        pairs.append((*predicted, gt_segments, {s["id"]: s["category_id"] for s in gt_info}, void))
+    artifacts.warn_damaged("panoptic label files", damaged, len(ids), STAGE.name)
     if not pairs:
         return {"panoptic_evaluated_images": 0}
     num_classes = len(config.data.classes) + 1
@@ -268,13 +272,6 @@ def evaluate_panoptic(config: Config, store: RunStore, progress=None) -> dict:
                               class_names=["background", *config.data.classes])
     return {"pq": result["pq"], "sq": result["sq"], "rq": result["rq"], "pq_things": result["things"]["pq"],
             "pq_stuff": result["stuff"]["pq"], "panoptic_evaluated_images": len(pairs)}
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def evaluate(config: Config, store: RunStore, progress=None) -> dict:
@@ -306,13 +303,9 @@ def inspect_tiles(view) -> list[np.ndarray]:
     if instances is not None:
         ids, classes, scores = instances
         tiles.append(viz.tile(f"instance labels ({len(classes)})", viz.overlay(view.image, viz.instance_colors(ids), 0.6, mask=ids > 0)))
-    entry = read_json(paths.segments)
-    if entry is not None:
-        try:
-            segments = decode_ids(_read_rgb(paths.panoptic))
-            tiles.append(view.segments_tile("panoptic label", segments, {s["id"]: s["category_id"] for s in entry["segments_info"]}))
-        except (OSError, ValueError):
-            pass
+    panoptic = artifacts.read_panoptic(view.store.folder("labels/panoptic"), view.id)
+    if panoptic is not None:
+        tiles.append(view.segments_tile("panoptic label", *panoptic))
     return tiles
 
 

@@ -27,11 +27,10 @@ from wsseg.metrics import ConfusionMatrix
 from wsseg.models.backbones import load_weights
 from wsseg.models.segmenters import build_segmenter
 from wsseg.models.segmenters.inference import dense_crf, predict_labels
-from wsseg.stages import artifacts
-from wsseg.stages.panoptic import (PseudoPanoptic, TruePanoptic, evaluate_panoptic, is_panoptic, read_panoptic,
-                                   targets_from_codes)
-from wsseg.stages.synthesize_labels import Paths as LabelPaths
 from wsseg.stage import Stage, fmt
+from wsseg.stages import artifacts
+from wsseg.stages.panoptic import PseudoPanoptic, TruePanoptic, evaluate_panoptic, is_panoptic, targets_from_codes
+from wsseg.stages.synthesize_labels import Paths as LabelPaths
 from wsseg.store import RunStore, write_json
 from wsseg.training import seed_everything, sgd, train
 
@@ -224,7 +223,7 @@ def inspect_tiles(view) -> list[np.ndarray]:
         labels = artifacts.read_labels(path)
         if labels is not None:
             tiles.append(view.labels_tile(f"{view.config.segmenter.model} ({source} labels)", labels))
-        panoptic = read_panoptic(folder_of(view.store, view.config, source) / "panoptic", view.id)
+        panoptic = artifacts.read_panoptic(folder_of(view.store, view.config, source) / "panoptic", view.id)
         if panoptic is not None:
             tiles.append(view.segments_tile(f"{view.config.segmenter.model} panoptic ({source})", *panoptic))
     return tiles
