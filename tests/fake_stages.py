@@ -1,11 +1,9 @@
 """Three tiny stages for testing the pipeline machinery without models.
 
-`first` writes one file; `items` writes one file per item (slowly, logging each item it
-computes, so a test can kill it mid-run); `last` reads both. Keys: first <- cam.epochs,
+`first` writes one file; `items` writes one file per item (logging each item it computes,
+so a test can kill it mid-run and see what the rerun redoes); `last` reads both. Keys: first <- cam.epochs,
 items <- cam.scales, last <- labels.beta.
 """
-
-import time
 
 from wsseg.stage import Stage
 from wsseg.store import atomic_path
@@ -22,7 +20,6 @@ NUM_ITEMS = 20
 
 def _run_items(ctx):
     folder = ctx.folder("items")
-    delay = float((ctx.store.root / "delay").read_text()) if (ctx.store.root / "delay").exists() else 0.0
     computed = 0
     for index in range(NUM_ITEMS):
         path = folder / f"{index:04d}.txt"
@@ -30,7 +27,6 @@ def _run_items(ctx):
             continue
         with open(ctx.store.root / "computed.log", "a") as log:
             log.write(f"{index}\n")
-        time.sleep(delay)
         with atomic_path(path) as tmp:
             tmp.write_text(f"{index} scales={ctx.config.cam.scales}")
         computed += 1

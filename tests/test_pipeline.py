@@ -1,13 +1,11 @@
 """Stage records, fingerprints, stale detection, resume after a kill, run-all and status."""
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import fake_stages
+from interrupt import kill_when_written
 from wsseg import pipeline
 from wsseg.config import load_config
 from wsseg.errors import UserError
@@ -96,18 +94,10 @@ pipeline.run_stage(fake_stages.ITEMS, config)
 def test_killed_per_item_stage_resumes_without_redoing_finished_items(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "delay").write_text("0.1")
-    script = tmp_path / "go.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS), run=str(run)))
-    process = subprocess.Popen([sys.executable, str(script)])
     items = run / "items"
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(items.glob("0*.txt"))) < 5:
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
+    kill_when_written(SCRIPT.format(tests=str(TESTS), run=str(run)), tmp_path, str(items / "0*.txt"), count=5)
     finished = sorted(p.name for p in items.glob("0*.txt"))
-    assert 5 <= len(finished) < fake_stages.NUM_ITEMS
+    assert len(finished) == 5
 
     config = config_for(run)
     import fake_stages as fs  # the same module the subprocess used
@@ -117,7 +107,6 @@ def test_killed_per_item_stage_resumes_without_redoing_finished_items(tmp_path):
         table = states(config)
         assert table["items"].state == "partial"
         assert table["items"].items == f"{len(finished)}/{fs.NUM_ITEMS}"
-        (run / "delay").write_text("0")
         computed_before = (run / "computed.log").read_text().split()
         pipeline.run_stage(fs.ITEMS, config)
     finally:

@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from interrupt import kill_when_written
 from tiny import ROOT, TINY, tiny_config
 from wsseg import pipeline
 from wsseg.checkpoints import load_checkpoint
@@ -49,18 +49,11 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_identical(tiny_dat
     pipeline.run_stage(train_cam.STAGE, tiny_config(tiny_data, reference, "cam.epochs=4"))
 
     run = tmp_path / "killed"
-    script = tmp_path / "train.py"
-    script.write_text(TRAIN_SCRIPT.format(tests=str(ROOT / "tests" / "stages"), data=str(tiny_data), run=str(run)))
-    process = subprocess.Popen([sys.executable, str(script)])
     checkpoint = run / "cam" / "checkpoint.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline and not checkpoint.exists():
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
+    code = TRAIN_SCRIPT.format(tests=str(ROOT / "tests" / "stages"), data=str(tiny_data), run=str(run))
+    kill_when_written(code, tmp_path, str(checkpoint))  # right after the first epoch's checkpoint
     assert checkpoint.exists() and not (run / "cam" / "model.pt").exists()
-    epoch = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 1 <= epoch < 4
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
 
     pipeline.run_stage(train_cam.STAGE, tiny_config(tiny_data, run, "cam.epochs=4"))
     resumed = torch.load(run / "cam" / "model.pt", weights_only=True)["model"]
@@ -216,7 +209,7 @@ KILL_CASES = {
 
 @pytest.mark.parametrize("module", list(KILL_CASES))
 def test_every_stage_killed_mid_run_resumes_to_the_uninterrupted_result(labels_run, tmp_path, module):
-    """kill -9 a stage as soon as its first output exists; the rerun resumes and ends with the same files."""
+    """kill -9 a stage right after its first output is written; the rerun resumes and ends with the same files."""
     import importlib
 
     stage = importlib.import_module(f"wsseg.stages.{module}").STAGE
@@ -227,25 +220,9 @@ def test_every_stage_killed_mid_run_resumes_to_the_uninterrupted_result(labels_r
     shutil.copytree(labels_run.run.dir, killed)
     pipeline.run_stage(stage, tiny_config(labels_run.data.root, reference, *extra), force=True)
 
-    script = tmp_path / "go.py"
-    script.write_text(KILL_STAGE_SCRIPT.format(tests=str(ROOT / "tests" / "stages"), module=module,
-                                               data=str(labels_run.data.root), run=str(killed), extra=extra))
-    def mtime(path):
-        try:
-            return path.stat().st_mtime_ns
-        except FileNotFoundError:  # the stage's --force clearing removes files while we look
-            return None
-
-    before = {p: mtime(p) for p in killed.glob(trigger)}
-    process = subprocess.Popen([sys.executable, str(script)])
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        fresh = [p for p in killed.glob(trigger) if mtime(p) not in (None, before.get(p))]
-        if fresh:
-            break
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
+    code = KILL_STAGE_SCRIPT.format(tests=str(ROOT / "tests" / "stages"), module=module, data=str(labels_run.data.root),
+                                    run=str(killed), extra=extra)
+    kill_when_written(code, tmp_path, str(killed / trigger))  # right after its first output (or checkpoint)
     config = tiny_config(labels_run.data.root, killed, *extra)
     record = RunStore(killed).record(stage.record_folder(config))
     assert record is not None and record["status"] == "running"  # it really was interrupted
