@@ -165,3 +165,23 @@ def test_pair_labels_match_loops():
                         expected = NEG
                     assert codes[b, k, i, j] == expected
     assert {int(v) for v in codes.unique()} == {BG_POS, FG_POS, NEG, UNSURE}
+
+
+def test_stride4_labels_are_what_irns_nearest_resize_picks():
+    """IRN shrinks the relation map with PIL's nearest resize (pil_rescale(label, 0.25, 0)): the
+    centre pixel (4y+2, 4x+2) of each cell, not its corner."""
+    from PIL import Image
+
+    from wsseg.ops.path_index import labels_at_stride4
+
+    rng = np.random.default_rng(0)
+    for height, width in ((64, 64), (128, 96), (512, 500)):
+        labels = rng.integers(0, 6, size=(height, width)).astype(np.uint8)
+        small = (int(np.round(height * 0.25)), int(np.round(width * 0.25)))
+        expected = np.asarray(Image.fromarray(labels).resize(small[::-1], Image.NEAREST))
+        ours = labels_at_stride4(torch.from_numpy(labels)[None].long(), small)[0].numpy()
+        assert np.array_equal(ours, expected), (height, width)
+        assert not np.array_equal(labels[::4, ::4][: small[0], : small[1]], expected)  # the corner is not it
+    # a map whose grid reaches past its last row takes the last row, never an out-of-range index
+    labels = torch.arange(10 * 9).reshape(1, 10, 9)
+    assert labels_at_stride4(labels, (3, 3))[0, -1, -1] == labels[0, 9, 8]

@@ -143,6 +143,19 @@ def path_affinity(boundary: Tensor, radius: int) -> Tensor:
     return 1.0 - path_max
 
 
+def labels_at_stride4(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Full-resolution label maps (B, H, W) -> (B, h, w) on the stride-4 grid of IRN's outputs.
+
+    Each stride-4 cell takes the pixel at its centre, (4y + 2, 4x + 2), clamped to the map:
+    what IRN's `pil_rescale(label, 0.25, 0)` (PIL's nearest resize) picks when H and W are
+    multiples of 4. The cell's corner pixel (4y, 4x) would shift every label by 2 pixels
+    towards the top left, and on an object's edge sample the other side of it.
+    """
+    rows = (torch.arange(size[0], device=labels.device) * 4 + 2).clamp(max=labels.shape[1] - 1)
+    cols = (torch.arange(size[1], device=labels.device) * 4 + 2).clamp(max=labels.shape[2] - 1)
+    return labels[:, rows][:, :, cols]
+
+
 def pair_labels(labels: Tensor, radius: int) -> Tensor:
     """Relation code of every (source, neighbour) pair from a label map.
 
