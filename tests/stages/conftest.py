@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from tiny import tiny_config
+from tiny import DATA_SEED, NUM_IMAGES, tiny_config
 from wsseg.data.demo import generate_demo
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
-    generate_demo(out, num_images=32, seed=3, size=64)
+    generate_demo(out, num_images=NUM_IMAGES, seed=DATA_SEED, size=64)
     return out
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from interrupt import kill_when_written
-from tiny import ROOT
+from tiny import ROOT, all_background_miou
 from wsseg import pipeline
 from wsseg.stages import artifacts
 from wsseg.stages.make_cam import evaluate
@@ -15,9 +15,14 @@ def test_train_cam_learns(cam_run):
     record = store.record("cam")
     loss = record["curves"]["bce_total"]
     assert len(loss) == cam_run.cam.epochs
-    assert loss[-1] < 0.8 * loss[0]  # measured: 0.69 -> ~0.45 on this data and seed
+    assert loss[-1] < 0.8 * loss[0]
     assert (store.folder("cam") / "model.pt").exists() and (store.folder("cam") / "checkpoint.pt").exists()
-    assert record["metrics"]["train_map"] > 0.5
+    # Floor: held-out classification mAP well above what scores that ignore the image reach (AP =
+    # the class's share of images). Measured on seeds 3-8: val mAP 0.72-0.82 against 0.3-0.5.
+    dataset = artifacts.open_dataset(cam_run)
+    tags = [dataset.tags(i) for i in artifacts.image_ids(cam_run, "data.val_list")]
+    chance = np.mean([np.mean([k in t for t in tags]) for k in range(len(cam_run.data.classes))])
+    assert record["metrics"]["val_map"] >= chance + 0.2, (record["metrics"]["val_map"], chance)
 
 
 def test_cams_follow_the_artifact_format(cam_run):
@@ -35,17 +40,11 @@ def test_cams_follow_the_artifact_format(cam_run):
 
 def test_cam_miou_beats_the_all_background_baseline(cam_run):
     metrics = RunStore(cam_run.run.dir).record("cams")["metrics"]
-    dataset = artifacts.open_dataset(cam_run)
-    from wsseg.metrics import ConfusionMatrix
-
-    baseline = ConfusionMatrix(len(cam_run.data.classes) + 1)
-    for image_id in artifacts.image_ids(cam_run, "data.eval_list"):
-        truth = dataset.read_semantic(image_id)
-        baseline.update(np.zeros_like(truth), truth)
-    baseline_miou = baseline.summary()["miou"]
-    assert metrics["best_miou"] > baseline_miou + 0.05, (metrics["best_miou"], baseline_miou)
+    baseline = all_background_miou(cam_run, "data.eval_list")
+    # Floor: the best swept threshold 0.05 above background everywhere (seeds 3-8: +0.055 to +0.09).
+    assert metrics["best_miou"] > baseline + 0.05, (metrics["best_miou"], baseline)
     assert metrics["miou"] is not None and set(metrics["sweep"]) >= {"0.15", "0.60"}
-    assert evaluate(cam_run, RunStore(cam_run.run.dir)) ["best_miou"] == metrics["best_miou"]  # eval reproduces
+    assert evaluate(cam_run, RunStore(cam_run.run.dir))["best_miou"] == metrics["best_miou"]  # eval reproduces
 
 
 KILL_SCRIPT = """

@@ -5,7 +5,7 @@ from wsseg.stages import artifacts
 from wsseg.stages.train_segmenter import folder_of, load_network
 from wsseg.store import RunStore, read_json
 
-from tiny import tiny_config
+from tiny import all_background_miou, tiny_config
 
 
 def test_trains_on_pseudo_and_ground_truth_and_evaluates(labels_run, tmp_path):
@@ -34,6 +34,25 @@ def test_trains_on_pseudo_and_ground_truth_and_evaluates(labels_run, tmp_path):
     pipeline.run_stage(train_segmenter.STAGE, other)
     assert (store.folder("segmenter/fcn8s/pseudo") / "model.pt").exists()
     assert (store.folder("segmenter/deeplab-v2/pseudo") / "model.pt").exists()
+
+
+def test_a_segmenter_trained_on_ground_truth_learns_the_validation_images(labels_run, tmp_path):
+    """Floor for the stage's training and evaluation path: DeepLab-v2 trained 150 steps on the
+    tiny data's ground truth scores 0.04 above background everywhere on the held-out images
+    (seeds 3-8: +0.06 to +0.13). A broken loss, learning-rate group, label path or evaluation
+    stays at the background baseline. (On the tiny pseudo labels 150 steps do not learn
+    reliably; docs/models/ has the segmenters' numbers on the demo.)"""
+    import shutil
+
+    import wsseg.stages.train_segmenter as train_segmenter
+
+    shutil.copytree(labels_run.run.dir, tmp_path / "run", ignore=shutil.ignore_patterns("segmenter"))
+    config = tiny_config(labels_run.data.root, tmp_path / "run", "segmenter.labels=gt", "segmenter.iterations=150",
+                         "segmenter.eval_mode=single")
+    pipeline.run_stage(train_segmenter.STAGE, config)
+    miou = RunStore(config.run.dir).record("segmenter/deeplab-v2")["metrics"]["gt"]["miou_single"]
+    background = all_background_miou(config, "data.val_list")
+    assert miou >= background + 0.04, (miou, background)
 
 
 def test_predict_labels_a_folder_and_reports_a_corrupt_file(labels_run, tmp_path):
