@@ -71,3 +71,13 @@ def test_run_dir_inside_the_dataset_is_refused(tmp_path):
     assert wsseg("demo-data", "--out", out, "--images", 4, "--size", 48).returncode == 0
     result = wsseg("train-cam", "--config", "pipelines/demo.yaml", "--set", f"data.root={out}", "--set", f"run.dir={out}")
     one_line_error(result, 2, "run.dir", "data.root")
+
+
+def test_config_prints_the_resolved_config_and_names_a_bad_option():
+    result = wsseg("config", "--config", "pipelines/demo.yaml", "--set", "segmenter.options.deeplab-v3.output_stride=8")
+    assert result.returncode == 0, result.stderr
+    assert "root: data/demo" in result.stdout and "deeplab-v3: {output_stride: 8}" in result.stdout
+    one_line_error(wsseg("config", "--set", "segmenter.options.maxdeeplab.num_slot=16"), 2,
+                   "segmenter.options.maxdeeplab", "did you mean 'num_slots'")
+    keys = wsseg("config", "--keys")
+    assert keys.returncode == 0 and "conf_fg: 0.3" in keys.stdout and "maxdeeplab: output_stride=16" in keys.stdout

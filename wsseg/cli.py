@@ -132,10 +132,13 @@ def cli(debug: bool) -> None:
     _setup_logging(debug)
 
 
-def config_options(function):
-    """--config (repeatable; later files override earlier ones) and --set KEY=VALUE."""
+def config_options(function=None, *, required: bool = True):
+    """--config (repeatable; later files override earlier ones) and --set KEY=VALUE, loaded
+    and validated into the command's `config` argument."""
+    if function is None:
+        return functools.partial(config_options, required=required)
 
-    @click.option("--config", "-c", "configs", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path),
+    @click.option("--config", "-c", "configs", multiple=True, required=required, type=click.Path(dir_okay=False, path_type=Path),
                   help="YAML config; repeat to stack files (later ones win).")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set cam.epochs=3.")
     @functools.wraps(function)
@@ -203,13 +206,11 @@ def run_all_command(config, start: str | None, stop: str | None, force: bool) ->
 
 
 @cli.command("config")
-@click.option("--config", "-c", "configs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML config; repeat to stack files (later ones win).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set cam.epochs=3.")
+@config_options(required=False)
 @click.option("--keys", is_flag=True, help="List every key with its default and meaning, and each model's options.")
-def config_command(configs: tuple[Path, ...], overrides: tuple[str, ...], keys: bool) -> None:
+def config_command(config, keys: bool) -> None:
     """The resolved config after stacking files and --set (validated), or with --keys every key there is."""
-    from wsseg.config import describe_keys, load_config, to_yaml
+    from wsseg.config import describe_keys, to_yaml
 
     if keys:
         from wsseg.models.segmenters import describe_options
@@ -218,7 +219,7 @@ def config_command(configs: tuple[Path, ...], overrides: tuple[str, ...], keys: 
         click.echo("\nsegmenter.options.<model> (each model's constructor options and defaults):")
         click.echo(describe_options())
         return
-    click.echo(to_yaml(load_config(configs, overrides)), nl=False)
+    click.echo(to_yaml(config), nl=False)
 
 
 @cli.command("report")
