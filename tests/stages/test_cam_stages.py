@@ -1,10 +1,12 @@
 """train-cam and make-cam on tiny real data: learning, CAM invariants, evaluation, resume after a kill."""
 
 import numpy as np
+import pytest
 
 from interrupt import kill_when_written
 from tiny import ROOT, all_background_miou
 from wsseg import pipeline
+from wsseg.errors import UserError
 from wsseg.stages import artifacts
 from wsseg.stages.make_cam import evaluate
 from wsseg.store import RunStore
@@ -110,3 +112,32 @@ def test_damaged_cam_file_is_recomputed(cam_run, tmp_path):
     assert artifacts.read_cams(path) is not None
     assert np.array_equal(artifacts.read_cams(path)["high_res"],
                           artifacts.read_cams(artifacts.cam_path(RunStore(cam_run.run.dir), victim))["high_res"])
+
+
+def test_levels_are_an_artifact_that_a_rerun_restores_without_recomputing_cams(cam_run, tmp_path):
+    """Later stages read the relative-mode level from cams/levels.json, never from the record's
+    metrics; a run that lacks the file gets it back from the cached CAMs on the next make-cam."""
+    import shutil
+
+    import wsseg.stages.make_cam as make_cam
+    from tiny import tiny_config
+
+    run = tmp_path / "run"
+    shutil.copytree(cam_run.run.dir, run)
+    config = tiny_config(cam_run.data.root, run)
+    store = RunStore(run)
+    levels = make_cam.read_levels(store)
+    assert 0 < levels["otsu"] < 1 and levels["otsu"] == store.record("cams")["metrics"]["otsu_threshold"]
+    power = make_cam.cam_power(config, store)
+    record = store.record("cams")
+    record["metrics"] = {}  # what later stages need must not come from here
+    store.write_record("cams", record)
+    assert make_cam.cam_power(config, store) == power
+    make_cam.levels_path(store).unlink()
+    with pytest.raises(UserError, match="levels.json"):
+        make_cam.cam_power(config, store)
+    assert make_cam.damaged(config, store) == ["levels.json"]
+    cam_times = {p: p.stat().st_mtime_ns for p in (run / "cams").glob("*.npz")}
+    pipeline.run_stage(make_cam.STAGE, config)
+    assert make_cam.read_levels(store) == levels and make_cam.cam_power(config, store) == power
+    assert all(p.stat().st_mtime_ns == t for p, t in cam_times.items())  # no CAM recomputed
