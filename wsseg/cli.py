@@ -353,17 +353,20 @@ def calibrate_command(config, images: int, metric: str, holdout: int) -> None:
 @click.option("--images", "num_images", default=None, type=click.IntRange(min=4), help="Number of images (train + val).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--size", default=None, type=click.IntRange(min=32), help="Long side of the images in pixels.")
-def demo_data_command(out: Path, num_images: int | None, seed: int, size: int | None) -> None:
+@click.option("--classes", "num_classes", default=5, show_default=True, type=click.IntRange(5, 20),
+              help="Number of classes (VOC has 20); more than 5 adds new shapes and their context backgrounds.")
+def demo_data_command(out: Path, num_images: int | None, seed: int, size: int | None, num_classes: int) -> None:
     """Write the synthetic demo dataset in the VOC 2012 layout."""
     from wsseg.data import demo
 
-    kwargs = {"seed": seed}
+    kwargs = {"seed": seed, "num_classes": num_classes}
     if num_images is not None:
         kwargs["num_images"] = num_images
     if size is not None:
         kwargs["size"] = size
     summary = demo.generate_demo(out, **kwargs)
-    click.echo(f"demo dataset written to {out}: {summary.get('num_images', '?')} images")
+    click.echo(f"demo dataset written to {out}: {summary.get('num_images', '?')} images of {len(summary['classes'])} "
+               f"classes; run it with --config pipelines/demo.yaml --config {out / 'config.yaml'}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 from scipy import ndimage
 
@@ -52,6 +53,30 @@ from wsseg.errors import UserError
 
 DEMO_CLASSES: tuple[str, ...] = ("boat", "crate", "truck", "ring", "ball")  # class id = index + 1
 BACKGROUNDS: tuple[str, ...] = ("water", "grass", "sand", "wall", "clouds")
+# `--classes N` (up to 20, VOC's count) adds classes in this order after the five above, and
+# the backgrounds they need. They are built in the same spirit: look-alikes (car and truck
+# share wheels, star and ball their yellow, bicycle wheels are thin rings, tree and cactus
+# are green on green), thin parts and holes (lamp, chair, bicycle), and context: most of
+# them sit on their own background most of the time (CONTEXT), as the boat sits on water.
+EXTRA_CLASSES: tuple[str, ...] = (
+    "kite", "cactus", "car", "flower", "bottle", "lamp", "chair", "tree", "fish", "star",
+    "house", "snowman", "umbrella", "bicycle", "sign",
+)
+ALL_CLASSES: tuple[str, ...] = DEMO_CLASSES + EXTRA_CLASSES
+EXTRA_BACKGROUNDS: tuple[str, ...] = ("road", "snow", "tiles")
+# class -> (its background, P(that background | the class is in the image))
+CONTEXT: dict[str, tuple[str, float]] = {
+    "boat": ("water", 0.8),
+    "kite": ("clouds", 0.75),
+    "cactus": ("sand", 0.75),
+    "car": ("road", 0.7),
+    "flower": ("grass", 0.7),
+    "fish": ("water", 0.7),
+    "snowman": ("snow", 0.85),
+    "umbrella": ("sand", 0.5),
+    "sign": ("road", 0.6),
+}
+DEFAULT_NUM_CLASSES = len(DEMO_CLASSES)
 
 DEFAULT_NUM_IMAGES = 240  # 180 train + 60 val: a CPU run of the whole pipeline stays in minutes
 DEFAULT_SIZE = 128  # long side in px; the demo config trains at this scale, not VOC's 512 crops
@@ -69,6 +94,21 @@ INSTANCE_COUNT_PROBS = {  # P(1, 2, 3, 4 instances of the class | class present)
     "truck": (0.85, 0.15),
     "ring": (0.75, 0.25),
     "ball": (0.6, 0.3, 0.1),
+    "kite": (0.6, 0.3, 0.1),
+    "cactus": (0.5, 0.3, 0.2),
+    "car": (0.6, 0.3, 0.1),
+    "flower": (0.3, 0.3, 0.25, 0.15),
+    "bottle": (0.4, 0.3, 0.2, 0.1),
+    "lamp": (0.8, 0.2),
+    "chair": (0.5, 0.3, 0.2),
+    "tree": (0.5, 0.3, 0.2),
+    "fish": (0.4, 0.3, 0.2, 0.1),
+    "star": (0.5, 0.3, 0.2),
+    "house": (0.8, 0.2),
+    "snowman": (0.8, 0.2),
+    "umbrella": (0.7, 0.3),
+    "bicycle": (0.85, 0.15),
+    "sign": (0.85, 0.15),
 }
 MAX_OBJECTS = 6
 BOAT_ON_WATER = 0.8  # P(water background | boat in image): the co-occurrence to leak onto
@@ -88,8 +128,26 @@ SIZE_RANGE = {
     "truck": (0.55, 0.85),  # length
     "ring": (0.26, 0.42),  # outer diameter
     "ball": (0.18, 0.32),  # diameter
+    "kite": (0.3, 0.45),  # height of the diamond
+    "cactus": (0.4, 0.6),  # height
+    "car": (0.45, 0.65),  # length
+    "flower": (0.25, 0.4),  # height with the stem
+    "bottle": (0.3, 0.45),  # height
+    "lamp": (0.5, 0.75),  # height
+    "chair": (0.35, 0.5),  # height of the backrest
+    "tree": (0.45, 0.7),  # height
+    "fish": (0.3, 0.45),  # length
+    "star": (0.22, 0.35),  # diameter
+    "house": (0.4, 0.6),  # height with the roof
+    "snowman": (0.45, 0.65),  # height
+    "umbrella": (0.4, 0.6),  # canopy width
+    "bicycle": (0.5, 0.7),  # length
+    "sign": (0.45, 0.65),  # height with the pole
 }
-MAX_TILT_DEGREES = {"boat": 8.0, "crate": 20.0, "truck": 5.0, "ring": 180.0, "ball": 180.0}
+MAX_TILT_DEGREES = {"boat": 8.0, "crate": 20.0, "truck": 5.0, "ring": 180.0, "ball": 180.0,
+                    "kite": 25.0, "cactus": 5.0, "car": 5.0, "flower": 15.0, "bottle": 15.0, "lamp": 3.0,
+                    "chair": 5.0, "tree": 5.0, "fish": 25.0, "star": 180.0, "house": 3.0, "snowman": 5.0,
+                    "umbrella": 15.0, "bicycle": 5.0, "sign": 3.0}
 
 # ---- colours (RGB 0..255)
 
@@ -181,12 +239,46 @@ def _texture_clouds(rng: np.random.Generator, height: int, width: int, unit: flo
     return sky * (1 - cloud) + 245 * cloud
 
 
+def _texture_road(rng: np.random.Generator, height: int, width: int, unit: float) -> np.ndarray:
+    """Dark asphalt with grit and a dashed yellow lane line."""
+    shade = 10 * _pixel_noise(rng, height, width) + 6 * _smooth_noise(rng, height, width, 12 * unit)
+    rgb = _colour((72, 72, 76), shade)
+    y, x = np.mgrid[0:height, 0:width]
+    line_y = rng.uniform(0.3, 0.7) * height
+    dash = max(4, int(12 * unit))
+    lane = (np.abs(y - line_y) < max(1.0, 1.2 * unit)) & ((x + int(rng.integers(dash))) % (2 * dash) < dash)
+    rgb[lane] = (222, 196, 60)
+    return rgb
+
+
+def _texture_snow(rng: np.random.Generator, height: int, width: int, unit: float) -> np.ndarray:
+    """Bright white-blue with soft drifts."""
+    shade = 8 * _smooth_noise(rng, height, width, 16 * unit) + 3 * _pixel_noise(rng, height, width)
+    return _colour((232, 238, 246), shade)
+
+
+def _texture_tiles(rng: np.random.Generator, height: int, width: int, unit: float) -> np.ndarray:
+    """A floor of square tiles in two tones with light grout: an indoor, contextless background."""
+    y, x = np.mgrid[0:height, 0:width]
+    tile = max(5, int(round(14 * unit)))
+    offset = int(rng.integers(tile))
+    checker = ((y + offset) // tile + (x + offset) // tile) % 2
+    rgb = np.where(checker[..., None] == 0, _colour((176, 160, 138)), _colour((150, 120, 96)))
+    rgb += 5 * _pixel_noise(rng, height, width)[..., None]
+    grout = ((y + offset) % tile == 0) | ((x + offset) % tile == 0)
+    rgb[grout] = (210, 206, 196)
+    return rgb
+
+
 TEXTURES: dict[str, Callable] = {
     "water": _texture_water,
     "grass": _texture_grass,
     "sand": _texture_sand,
     "wall": _texture_wall,
     "clouds": _texture_clouds,
+    "road": _texture_road,
+    "snow": _texture_snow,
+    "tiles": _texture_tiles,
 }
 
 
@@ -305,12 +397,287 @@ def _draw_ball(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Gener
     return mask, rgb
 
 
+# ---- shapes for the classes beyond the first five
+
+
+def _segment(u: np.ndarray, v: np.ndarray, start: tuple[float, float], end: tuple[float, float], half_width: float) -> np.ndarray:
+    """Pixels within `half_width` of the line segment start -> end, points given as (u, v)."""
+    (u0, v0), (u1, v1) = start, end
+    du, dv = u1 - u0, v1 - v0
+    t = np.clip(((u - u0) * du + (v - v0) * dv) / max(du * du + dv * dv, 1e-6), 0.0, 1.0)
+    return np.hypot(u - (u0 + t * du), v - (v0 + t * dv)) <= max(half_width, 0.6)
+
+
+def _polygon(u: np.ndarray, v: np.ndarray, points: list[tuple[float, float]]) -> np.ndarray:
+    """Pixels inside the polygon (even-odd rule), points given as (u, v); convex or not."""
+    inside = np.zeros(u.shape, bool)
+    for (u0, v0), (u1, v1) in zip(points, points[1:] + points[:1]):
+        crosses = (v0 > v) != (v1 > v)
+        at = u0 + (v - v0) * (u1 - u0) / ((v1 - v0) if v1 != v0 else 1e-9)
+        inside ^= crosses & (u < at)
+    return inside
+
+
+def _ellipse(u: np.ndarray, v: np.ndarray, centre: tuple[float, float], radii: tuple[float, float]) -> np.ndarray:
+    return ((u - centre[0]) / max(radii[0], 0.5)) ** 2 + ((v - centre[1]) / max(radii[1], 0.5)) ** 2 <= 1.0
+
+
+def _draw_kite(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A diamond in four coloured quarters with dark spars and a wavy tail."""
+    L = length
+    half_w, top, bottom = 0.28 * L, -0.45 * L, 0.25 * L
+    cross = -0.2 * L  # where the spars cross
+    diamond = _polygon(u, v, [(0, top), (half_w, cross), (0, bottom), (-half_w, cross)])
+    quarter = (u >= 0).astype(int) + 2 * (v >= cross).astype(int)
+    palette = np.array([(214, 40, 60), (250, 200, 40), (40, 90, 200), (250, 120, 30)], np.float32)
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, diamond, palette[quarter])
+    spars = _segment(u, v, (0, top), (0, bottom), 0.012 * L) | _segment(u, v, (-half_w, cross), (half_w, cross), 0.012 * L)
+    _paint(mask, rgb, spars & diamond, np.asarray((60, 40, 30), np.float32))
+    tail_v = np.linspace(bottom, 0.55 * L, 12)
+    tail_u = 0.05 * L * np.sin(np.linspace(0, 3 * np.pi, 12) + rng.uniform(0, np.pi))
+    tail = np.zeros(u.shape, bool)
+    for k in range(11):
+        tail |= _segment(u, v, (tail_u[k], tail_v[k]), (tail_u[k + 1], tail_v[k + 1]), 0.01 * L)
+    _paint(mask, rgb, tail, np.asarray((214, 40, 60), np.float32))
+    return mask, rgb
+
+
+def _draw_cactus(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A ribbed green column with two raised arms."""
+    L = length
+    trunk_w = 0.09 * L
+    trunk = (np.abs(u) <= trunk_w) & (v >= -0.5 * L + trunk_w) & (v <= 0.5 * L) | _ellipse(u, v, (0, -0.5 * L + trunk_w), (trunk_w, trunk_w))
+    arms = np.zeros(u.shape, bool)
+    for side, height in ((-1, rng.uniform(-0.05, 0.1)), (1, rng.uniform(-0.15, 0.0))):
+        elbow_u, arm_w = side * 0.25 * L, 0.06 * L
+        arms |= _segment(u, v, (0, height * L), (elbow_u, height * L), arm_w)
+        arms |= _segment(u, v, (elbow_u, height * L), (elbow_u, (height - 0.22) * L), arm_w)
+    ribs = 14 * np.cos(2 * np.pi * u / max(0.05 * L, 1.0))
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, trunk | arms, _colour((62, 128, 62), ribs))
+    return mask, rgb
+
+
+def _draw_car(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A low body with a cabin and windows, on the truck's wheels."""
+    L = length
+    colour = [(30, 70, 170), (40, 150, 80), (220, 220, 225), (120, 30, 130)][int(rng.integers(4))]
+    body = (np.abs(u) <= 0.5 * L) & (v >= -0.06 * L) & (v <= 0.12 * L)
+    cabin = _polygon(u, v, [(-0.28 * L, -0.06 * L), (-0.18 * L, -0.24 * L), (0.16 * L, -0.24 * L), (0.3 * L, -0.06 * L)])
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, body | cabin, _colour(colour, 6 * np.sin(u / max(0.05 * L, 1.0))))
+    windows = _polygon(u, v, [(-0.22 * L, -0.08 * L), (-0.15 * L, -0.2 * L), (0.13 * L, -0.2 * L), (0.23 * L, -0.08 * L)])
+    windows &= np.abs(u + 0.01 * L) > 0.015 * L  # the pillar between the windows
+    _paint(mask, rgb, windows, np.asarray(CAB_WINDOW, np.float32))
+    wheel_r = 0.1 * L
+    for wheel_u in (-0.3 * L, 0.3 * L):
+        distance = np.hypot(u - wheel_u, v - 0.12 * L)
+        _paint(mask, rgb, distance <= wheel_r, np.asarray(WHEEL, np.float32))
+        _paint(mask, rgb, distance <= 0.4 * wheel_r, np.asarray(HUB, np.float32))
+    return mask, rgb
+
+
+def _draw_flower(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Six petals around a yellow centre on a green stem."""
+    L = length
+    head_v, petal = -0.25 * L, 0.13 * L
+    colour = [(230, 60, 130), (250, 250, 250), (150, 70, 220)][int(rng.integers(3))]
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, _segment(u, v, (0, head_v), (0, 0.5 * L), 0.025 * L), np.asarray((60, 120, 40), np.float32))
+    turn = rng.uniform(0, np.pi / 3)
+    for k in range(6):
+        angle = turn + k * np.pi / 3
+        centre = (1.1 * petal * np.cos(angle), head_v + 1.1 * petal * np.sin(angle))
+        du, dv = u - centre[0], v - centre[1]
+        along = du * np.cos(angle) + dv * np.sin(angle)
+        across = -du * np.sin(angle) + dv * np.cos(angle)
+        _paint(mask, rgb, (along / petal) ** 2 + (across / (0.55 * petal)) ** 2 <= 1, np.asarray(colour, np.float32))
+    _paint(mask, rgb, _ellipse(u, v, (0, head_v), (0.6 * petal, 0.6 * petal)), np.asarray((245, 200, 40), np.float32))
+    return mask, rgb
+
+
+def _draw_bottle(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Green glass: a body, a sloping shoulder, a neck and a cap, with a paper label and a highlight."""
+    L = length
+    half_w = 0.14 * L
+    outline = [(-half_w, 0.5 * L), (-half_w, -0.05 * L), (-0.05 * L, -0.25 * L), (-0.05 * L, -0.45 * L),
+               (0.05 * L, -0.45 * L), (0.05 * L, -0.25 * L), (half_w, -0.05 * L), (half_w, 0.5 * L)]
+    glass = _polygon(u, v, outline)
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, glass, _colour((40, 110, 60), 30 * np.exp(-((u + 0.06 * L) / max(0.03 * L, 0.5)) ** 2)))
+    label = glass & (v >= 0.1 * L) & (v <= 0.32 * L)
+    _paint(mask, rgb, label, np.asarray((236, 226, 200), np.float32))
+    cap = (np.abs(u) <= 0.06 * L) & (v >= -0.5 * L) & (v <= -0.43 * L)
+    _paint(mask, rgb, cap, np.asarray((180, 150, 40), np.float32))
+    return mask, rgb
+
+
+def _draw_lamp(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A thin pole on a round base under a conical shade: mostly thin structure."""
+    L = length
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, _segment(u, v, (0, -0.3 * L), (0, 0.46 * L), 0.018 * L), np.asarray((60, 60, 64), np.float32))
+    _paint(mask, rgb, _ellipse(u, v, (0, 0.47 * L), (0.14 * L, 0.035 * L)), np.asarray((60, 60, 64), np.float32))
+    shade = _polygon(u, v, [(-0.09 * L, -0.5 * L), (0.09 * L, -0.5 * L), (0.2 * L, -0.28 * L), (-0.2 * L, -0.28 * L)])
+    _paint(mask, rgb, shade, _colour((240, 220, 150), 10 * (v / max(L, 1.0))))
+    return mask, rgb
+
+
+def _draw_chair(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A seat, a slatted backrest and four thin legs (seen from the side, two of them)."""
+    L = length
+    wood = _colour((150, 70, 40), 8 * np.sin(u / max(0.02 * L, 0.5)))
+    mask, rgb = _empty(u)
+    seat = (np.abs(u) <= 0.22 * L) & (v >= 0.02 * L) & (v <= 0.08 * L)
+    legs = _segment(u, v, (-0.2 * L, 0.08 * L), (-0.2 * L, 0.5 * L), 0.02 * L)
+    legs |= _segment(u, v, (0.2 * L, 0.08 * L), (0.2 * L, 0.5 * L), 0.02 * L)
+    back = _segment(u, v, (-0.2 * L, 0.02 * L), (-0.2 * L, -0.5 * L), 0.022 * L)
+    for slat_v in (-0.45 * L, -0.3 * L, -0.15 * L):
+        back |= _segment(u, v, (-0.2 * L, slat_v), (-0.02 * L, slat_v), 0.02 * L)
+    back |= _segment(u, v, (-0.02 * L, -0.47 * L), (-0.02 * L, 0.02 * L), 0.015 * L)
+    _paint(mask, rgb, seat | legs | back, wood)
+    return mask, rgb
+
+
+def _draw_tree(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A brown trunk under a lumpy green canopy (green on grass: camouflage)."""
+    L = length
+    mask, rgb = _empty(u)
+    trunk = (np.abs(u) <= 0.06 * L) & (v >= 0.0) & (v <= 0.5 * L)
+    _paint(mask, rgb, trunk, _colour((105, 70, 40), 10 * np.sin(v / max(0.02 * L, 0.5))))
+    canopy = np.zeros(u.shape, bool)
+    for k in range(5):
+        angle = 2 * np.pi * k / 5 + rng.uniform(0, 0.5)
+        canopy |= _ellipse(u, v, (0.13 * L * np.cos(angle), -0.2 * L + 0.1 * L * np.sin(angle)), (0.17 * L, 0.15 * L))
+    _paint(mask, rgb, canopy, _colour((52, 112, 44), 16 * np.sin(u / max(0.03 * L, 0.5)) * np.cos(v / max(0.03 * L, 0.5))))
+    return mask, rgb
+
+
+def _draw_fish(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An orange body with white stripes, a forked tail and an eye (it shares the water with boats)."""
+    L = length
+    body = _ellipse(u, v, (0.05 * L, 0), (0.36 * L, 0.17 * L))
+    tail = _polygon(u, v, [(-0.28 * L, 0), (-0.5 * L, -0.17 * L), (-0.44 * L, 0), (-0.5 * L, 0.17 * L)])
+    stripes = body & (np.abs(np.sin(2 * np.pi * (u - 0.05 * L) / max(0.22 * L, 1.0))) > 0.92)
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, body | tail, _colour((240, 120, 30), -12 * (v / max(0.2 * L, 1.0))))
+    _paint(mask, rgb, stripes, np.asarray((250, 250, 250), np.float32))
+    _paint(mask, rgb, _ellipse(u, v, (0.28 * L, -0.04 * L), (0.03 * L, 0.03 * L)), np.asarray((20, 20, 20), np.float32))
+    return mask, rgb
+
+
+def _draw_star(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A five-pointed golden star (the ball's yellow, another shape)."""
+    outer, inner = length / 2, length / 2 * 0.42
+    points = [((outer if k % 2 == 0 else inner) * np.sin(np.pi * k / 5), -(outer if k % 2 == 0 else inner) * np.cos(np.pi * k / 5))
+              for k in range(10)]
+    rho = np.hypot(u, v) / outer
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, _polygon(u, v, points), _colour(BALL, -40 * rho))
+    return mask, rgb
+
+
+def _draw_house(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Walls under a red roof, a door and a window."""
+    L = length
+    mask, rgb = _empty(u)
+    walls = (np.abs(u) <= 0.3 * L) & (v >= -0.1 * L) & (v <= 0.5 * L)
+    _paint(mask, rgb, walls, _colour((230, 210, 170), 4 * np.sin(v / max(0.02 * L, 0.5))))
+    roof = _polygon(u, v, [(-0.38 * L, -0.1 * L), (0, -0.5 * L), (0.38 * L, -0.1 * L)])
+    _paint(mask, rgb, roof, _colour((170, 50, 40), 10 * np.sign(np.sin(v / max(0.03 * L, 0.5)))))
+    door = (np.abs(u - 0.12 * L) <= 0.07 * L) & (v >= 0.22 * L) & (v <= 0.5 * L)
+    _paint(mask, rgb, door, np.asarray((110, 70, 40), np.float32))
+    window = (np.abs(u + 0.13 * L) <= 0.08 * L) & (np.abs(v - 0.12 * L) <= 0.07 * L)
+    _paint(mask, rgb, window, np.asarray(CAB_WINDOW, np.float32))
+    return mask, rgb
+
+
+def _draw_snowman(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Three stacked white balls with a carrot nose and a black hat (white on snow)."""
+    L = length
+    mask, rgb = _empty(u)
+    for centre_v, radius in ((0.3 * L, 0.2 * L), (-0.02 * L, 0.15 * L), (-0.26 * L, 0.11 * L)):
+        ball = _ellipse(u, v, (0, centre_v), (radius, radius))
+        _paint(mask, rgb, ball, _colour((246, 246, 250), -25 * np.hypot(u, v - centre_v) / radius))
+    _paint(mask, rgb, _polygon(u, v, [(0.03 * L, -0.28 * L), (0.16 * L, -0.25 * L), (0.03 * L, -0.23 * L)]),
+           np.asarray((240, 120, 20), np.float32))
+    hat = ((np.abs(u) <= 0.08 * L) & (v >= -0.5 * L) & (v <= -0.35 * L)) | ((np.abs(u) <= 0.13 * L) & (np.abs(v + 0.35 * L) <= 0.015 * L))
+    _paint(mask, rgb, hat, np.asarray((25, 25, 28), np.float32))
+    return mask, rgb
+
+
+def _draw_umbrella(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A half-disc canopy in alternating segments on a pole with a hooked handle."""
+    L = length
+    radius = L / 2
+    rho = np.hypot(u, v + 0.1 * L)
+    canopy = (rho <= radius) & (v <= -0.1 * L)
+    segment = np.floor((np.arctan2(v + 0.1 * L, u) + np.pi) / np.pi * 6).astype(int) % 2
+    colours = np.where(segment[..., None] == 0, _colour((230, 50, 50)), _colour((245, 245, 245)))
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, canopy, colours)
+    pole = _segment(u, v, (0, -0.1 * L), (0, 0.42 * L), 0.015 * L)
+    hook = (np.abs(np.hypot(u - 0.05 * L, v - 0.42 * L) - 0.05 * L) <= 0.015 * L) & (v >= 0.42 * L)
+    _paint(mask, rgb, pole | hook, np.asarray((70, 60, 50), np.float32))
+    return mask, rgb
+
+
+def _draw_bicycle(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two thin tyre rings (the ring's shape, thinner and dark) joined by a frame of bars."""
+    L = length
+    radius, tyre = 0.2 * L, 0.025 * L
+    back, front = (-0.3 * L, 0.18 * L), (0.3 * L, 0.18 * L)
+    mask, rgb = _empty(u)
+    for centre in (back, front):
+        ring = np.abs(np.hypot(u - centre[0], v - centre[1]) - radius) <= tyre
+        _paint(mask, rgb, ring, np.asarray((30, 30, 32), np.float32))
+    frame_colour = np.asarray([(200, 40, 40), (40, 90, 200), (30, 150, 90)][int(rng.integers(3))], np.float32)
+    seat, head, crank = (-0.12 * L, -0.15 * L), (0.2 * L, -0.17 * L), (-0.02 * L, 0.18 * L)
+    frame = np.zeros(u.shape, bool)
+    for a, b in ((back, seat), (seat, crank), (crank, back), (seat, head), (head, crank), (head, front)):
+        frame |= _segment(u, v, a, b, 0.015 * L)
+    frame |= _segment(u, v, (head[0], head[1]), (head[0] + 0.06 * L, head[1] - 0.06 * L), 0.015 * L)  # handlebar
+    frame |= _segment(u, v, (seat[0] - 0.05 * L, seat[1] - 0.03 * L), (seat[0] + 0.04 * L, seat[1] - 0.03 * L), 0.02 * L)
+    _paint(mask, rgb, frame, frame_colour)
+    return mask, rgb
+
+
+def _draw_sign(u: np.ndarray, v: np.ndarray, length: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A red octagon with a white bar on a grey pole."""
+    L = length
+    mask, rgb = _empty(u)
+    _paint(mask, rgb, _segment(u, v, (0, -0.1 * L), (0, 0.5 * L), 0.025 * L), np.asarray((140, 140, 146), np.float32))
+    radius = 0.22 * L
+    centre_v = -0.28 * L
+    octagon = _polygon(u, v, [(radius * np.cos(np.pi / 8 + k * np.pi / 4), centre_v + radius * np.sin(np.pi / 8 + k * np.pi / 4))
+                              for k in range(8)])
+    _paint(mask, rgb, octagon, np.asarray((200, 30, 36), np.float32))
+    _paint(mask, rgb, octagon & (np.abs(u) <= 0.14 * L) & (np.abs(v - centre_v) <= 0.035 * L), np.asarray((245, 245, 245), np.float32))
+    return mask, rgb
+
+
 DRAW: dict[str, Callable] = {
     "boat": _draw_boat,
     "crate": _draw_crate,
     "truck": _draw_truck,
     "ring": _draw_ring,
     "ball": _draw_ball,
+    "kite": _draw_kite,
+    "cactus": _draw_cactus,
+    "car": _draw_car,
+    "flower": _draw_flower,
+    "bottle": _draw_bottle,
+    "lamp": _draw_lamp,
+    "chair": _draw_chair,
+    "tree": _draw_tree,
+    "fish": _draw_fish,
+    "star": _draw_star,
+    "house": _draw_house,
+    "snowman": _draw_snowman,
+    "umbrella": _draw_umbrella,
+    "bicycle": _draw_bicycle,
+    "sign": _draw_sign,
 }
 
 
@@ -349,17 +716,44 @@ def _image_shape(rng: np.random.Generator, size: int) -> tuple[int, int]:
     return (short, size) if rng.random() < 0.7 else (size, short)  # (H, W), 70 % landscape
 
 
-def _choose_classes(rng: np.random.Generator) -> list[str]:
+def class_names(num_classes: int = DEFAULT_NUM_CLASSES) -> tuple[str, ...]:
+    """The first `num_classes` demo classes (5..20), in class-id order."""
+    if not len(DEMO_CLASSES) <= num_classes <= len(ALL_CLASSES):
+        raise UserError(f"--classes: {num_classes} is out of range; give {len(DEMO_CLASSES)} to {len(ALL_CLASSES)}")
+    return ALL_CLASSES[:num_classes]
+
+
+def backgrounds_for(classes: tuple[str, ...]) -> tuple[str, ...]:
+    """The backgrounds scenes of these classes use: the five first ones, the contexts of the extra
+    classes, and indoor tiles once there are more than five classes."""
+    extra = {CONTEXT[name][0] for name in classes if name in CONTEXT} | ({"tiles"} if len(classes) > len(DEMO_CLASSES) else set())
+    return BACKGROUNDS + tuple(name for name in EXTRA_BACKGROUNDS if name in extra)
+
+
+def _choose_classes(rng: np.random.Generator, classes: tuple[str, ...]) -> list[str]:
     count = int(rng.choice(len(NUM_CLASSES_PROBS), p=NUM_CLASSES_PROBS)) + 1
-    picked = rng.choice(len(DEMO_CLASSES), size=count, replace=False)
-    return [DEMO_CLASSES[i] for i in sorted(picked)]
+    picked = rng.choice(len(classes), size=count, replace=False)
+    return [classes[i] for i in sorted(picked)]
 
 
-def _choose_background(rng: np.random.Generator, classes: list[str]) -> str:
-    water_prob = BOAT_ON_WATER if "boat" in classes else WATER_WITHOUT_BOAT
-    if rng.random() < water_prob:
-        return "water"
-    others = [name for name in BACKGROUNDS if name != "water"]
+def _choose_background(rng: np.random.Generator, present: list[str], classes: tuple[str, ...]) -> str:
+    """A class with a context draws its background with that context's probability (one of them,
+    at random, when several are present); otherwise a context background turns up without its
+    class with WATER_WITHOUT_BOAT's probability, so that it predicts the class. The rest of the
+    time any background that is no class's context. With the five first classes only the boat
+    has a context, and these are the draws the demo has always made."""
+    contextual = [name for name in present if name in CONTEXT]
+    if contextual:
+        pick = contextual[0] if len(contextual) == 1 else contextual[int(rng.integers(len(contextual)))]
+        background, probability = CONTEXT[pick]
+    else:
+        strays = sorted({CONTEXT[name][0] for name in classes if name in CONTEXT})
+        background = strays[0] if len(strays) == 1 else strays[int(rng.integers(len(strays)))]
+        probability = WATER_WITHOUT_BOAT
+    if rng.random() < probability:
+        return background
+    context_backgrounds = {CONTEXT[name][0] for name in classes if name in CONTEXT}
+    others = [name for name in backgrounds_for(classes) if name not in context_backgrounds]
     return others[int(rng.integers(len(others)))]
 
 
@@ -479,13 +873,15 @@ def _void_band(object_map: np.ndarray, width: int) -> np.ndarray:
     )
 
 
-def make_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> DemoScene:
-    """Image number `index` of the dataset with this seed: pixels, both label maps, objects."""
+def make_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE, num_classes: int = DEFAULT_NUM_CLASSES) -> DemoScene:
+    """Image number `index` of the dataset with this seed and class count: pixels, both label
+    maps, objects."""
+    names = class_names(num_classes)
     rng = np.random.default_rng([seed, index])
     height, width = _image_shape(rng, size)
     unit = min(height, width) / 100
-    classes = _choose_classes(rng)
-    background = _choose_background(rng, classes)
+    classes = _choose_classes(rng, names)
+    background = _choose_background(rng, classes, names)
     canvas = TEXTURES[background](rng, height, width, unit)
     horizon = None
     if background == "water" and rng.random() < HORIZON_PROB:
@@ -498,7 +894,7 @@ def make_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> DemoScene
         brightness = rng.uniform(0.85, 1.15)  # per-object colour jitter
         canvas[item["mask"]] = item["rgb"][item["mask"]] * brightness
         object_map[item["mask"]] = number
-    class_ids = np.array([0] + [DEMO_CLASSES.index(item["name"]) + 1 for item in placed], np.uint8)
+    class_ids = np.array([0] + [names.index(item["name"]) + 1 for item in placed], np.uint8)
     class_map = class_ids[object_map]
     void = _void_band(object_map, void_width(size))
     object_map[void] = 255
@@ -514,7 +910,7 @@ def make_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> DemoScene
         bbox = (int(cols.min()) + 1, int(rows.min()) + 1, int(cols.max()) + 1, int(rows.max()) + 1)
         occluded = bool(item["visible"].sum() < item["mask"].sum())
         objects.append(DemoObject(number, item["name"], bbox, bool(truncated), occluded))
-    present = tuple(name for name in DEMO_CLASSES if any(obj.name == name for obj in objects))
+    present = tuple(name for name in names if any(obj.name == name for obj in objects))
     return DemoScene(image, class_map, object_map, objects, background, horizon, present)
 
 
@@ -607,14 +1003,18 @@ def generate_demo(
     seed: int = 0,
     size: int = DEFAULT_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    num_classes: int = DEFAULT_NUM_CLASSES,
 ) -> dict:
     """Write the demo dataset in the VOC 2012 devkit layout under `out`; return its summary.
 
     `progress(done, total)` is called after each image. The summary (also written to
     `out/wsseg_demo.json`) holds the arguments, the list sizes, images and instances per
     class, and counts of the hard cases (multi-instance, multi-class, occluded, truncated,
-    boat on water). Rerunning into the same folder regenerates it in place.
+    boat on water, any class on its context background). `out/config.yaml` is a config
+    overlay with the dataset's root and class list, to stack on pipelines/demo.yaml.
+    Rerunning into the same folder regenerates it in place.
     """
+    names = class_names(num_classes)
     if num_images < VAL_EVERY:
         raise UserError(f"--images: {num_images} is too few; give at least {VAL_EVERY} so that val is not empty")
     if not 32 <= size <= 4096:
@@ -627,28 +1027,30 @@ def generate_demo(
     ids = [image_id(index) for index in range(num_images)]
     val = [ids[i] for i in range(num_images) if i % VAL_EVERY == VAL_EVERY - 1]
     train = [ids[i] for i in range(num_images) if i % VAL_EVERY != VAL_EVERY - 1]
-    images_per_class = dict.fromkeys(DEMO_CLASSES, 0)
-    instances_per_class = dict.fromkeys(DEMO_CLASSES, 0)
-    backgrounds = dict.fromkeys(BACKGROUNDS, 0)
+    images_per_class = dict.fromkeys(names, 0)
+    instances_per_class = dict.fromkeys(names, 0)
+    backgrounds = dict.fromkeys(backgrounds_for(names), 0)
     hard_cases = dict.fromkeys(
-        ("multi_instance", "multi_class", "occluded", "truncated", "boat", "boat_on_water", "water_without_boat"), 0
+        ("multi_instance", "multi_class", "occluded", "truncated", "boat", "boat_on_water", "water_without_boat",
+         "in_context"), 0
     )
     for index, name in enumerate(ids):
-        scene = make_scene(index, seed, size)
+        scene = make_scene(index, seed, size, num_classes)
         _write_scene(out, name, scene)
-        names = [obj.name for obj in scene.objects]
+        object_names = [obj.name for obj in scene.objects]
         for cls in scene.classes:
             images_per_class[cls] += 1
-        for cls in names:
+        for cls in object_names:
             instances_per_class[cls] += 1
         backgrounds[scene.background] += 1
-        hard_cases["multi_instance"] += int(len(names) > len(set(names)))
+        hard_cases["multi_instance"] += int(len(object_names) > len(set(object_names)))
         hard_cases["multi_class"] += int(len(scene.classes) > 1)
         hard_cases["occluded"] += int(any(obj.occluded for obj in scene.objects))
         hard_cases["truncated"] += int(any(obj.truncated for obj in scene.objects))
         hard_cases["boat"] += int("boat" in scene.classes)
         hard_cases["boat_on_water"] += int("boat" in scene.classes and scene.background == "water")
         hard_cases["water_without_boat"] += int("boat" not in scene.classes and scene.background == "water")
+        hard_cases["in_context"] += int(any(CONTEXT.get(cls, ("",))[0] == scene.background for cls in scene.classes))
         if progress is not None:
             progress(index + 1, num_images)
 
@@ -665,12 +1067,15 @@ def generate_demo(
         "seed": seed,
         "size": size,
         "void_width": void_width(size),
-        "classes": list(DEMO_CLASSES),
+        "classes": list(names),
         "lists": {list_name: len(members) for list_name, members in lists.items()},
         "images_per_class": images_per_class,
         "instances_per_class": instances_per_class,
         "backgrounds": backgrounds,
         "hard_cases": hard_cases,
     }
+    overlay = {"data": {"root": str(out.resolve()), "classes": list(names)}}  # absolute: valid from any folder
+    _write_text(out / "config.yaml", "# stack on pipelines/demo.yaml: --config pipelines/demo.yaml --config "
+                f"{out / 'config.yaml'}\n" + yaml.safe_dump(overlay, default_flow_style=None, sort_keys=False))
     _write_text(out / MARKER, json.dumps(summary, indent=2) + "\n")
     return summary
