@@ -141,3 +141,18 @@ def test_levels_are_an_artifact_that_a_rerun_restores_without_recomputing_cams(c
     pipeline.run_stage(make_cam.STAGE, config)
     assert make_cam.read_levels(store) == levels and make_cam.cam_power(config, store) == power
     assert all(p.stat().st_mtime_ns == t for p, t in cam_times.items())  # no CAM recomputed
+
+
+def test_a_best_threshold_at_an_end_of_the_sweep_is_said(cam_run):
+    import dataclasses
+
+    import wsseg.stages.make_cam as make_cam
+
+    store = RunStore(cam_run.run.dir)
+    # IRN's old ceiling: CAMs trained from scratch peak far above 0.60 (here at 0.80)
+    narrow = dataclasses.replace(cam_run, cam=dataclasses.replace(cam_run.cam, sweep=(0.05, 0.6)))
+    metrics = make_cam.evaluate(narrow, store)
+    assert metrics["best_threshold"] == 0.6 and metrics["best_at_sweep_edge"]
+    assert make_cam.quality(metrics).endswith("at bg 0.60 (an end of cam.sweep)")
+    wide = make_cam.evaluate(cam_run, store)
+    assert not wide["best_at_sweep_edge"] and "end of cam.sweep" not in make_cam.quality(wide)

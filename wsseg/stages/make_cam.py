@@ -136,6 +136,8 @@ def evaluate(config: Config, store: RunStore, progress=None) -> dict:
         "threshold": config.cam.eval_threshold,
         "best_threshold": result["best_threshold"],
         "best_miou": result["best_miou"],
+        # the best at an end of the sweep may not be the CAMs' best: widen cam.sweep
+        "best_at_sweep_edge": result["best_threshold"] in (min(config.cam.sweep), max(config.cam.sweep)),
         "sweep": {f"{t:.2f}": m for t, m in zip(result["thresholds"], result["miou"])},
         "per_class_iou": summary["per_class_iou"],
         "best_per_class_iou": best_summary["per_class_iou"],
@@ -179,7 +181,8 @@ def inspect_tiles(view) -> list[np.ndarray]:
 def quality(m: dict) -> str:
     return (f"CAM mIoU {fmt(m.get('miou'))} at bg {fmt(m.get('threshold'), 2)}, "
             f"{fmt(m.get('miou_relative'))} relative (Otsu {fmt(m.get('otsu_threshold'), 2)}), "
-            f"best {fmt(m.get('best_miou'))} at bg {fmt(m.get('best_threshold'), 2)}")
+            f"best {fmt(m.get('best_miou'))} at bg {fmt(m.get('best_threshold'), 2)}"
+            f"{' (an end of cam.sweep)' if m.get('best_at_sweep_edge') else ''}")
 
 
 STAGE = Stage(
