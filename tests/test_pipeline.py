@@ -116,3 +116,15 @@ def test_killed_per_item_stage_resumes_without_redoing_finished_items(tmp_path):
     assert not finished_indices & set(computed_after)  # nothing finished was redone
     assert len(computed_after) == fs.NUM_ITEMS - len(finished)
     assert not list(items.glob(".tmp-*"))  # no half-written file left behind
+
+
+def test_an_option_at_its_neutral_value_stays_out_of_the_fingerprint():
+    """cam.dilations came after runs existed: at [] (no extra heads: what wsseg did before the key)
+    it must not change train-cam's fingerprint, or every earlier run would turn stale."""
+    from wsseg.stages.train_cam import STAGE
+
+    plain = pipeline.selected_config(load_config(), STAGE.selectors(load_config()))
+    assert "cam.dilations" not in plain and "cam.epochs" in plain
+    dilated = load_config([], ["cam.dilations=[3,6]"])
+    chosen = pipeline.selected_config(dilated, STAGE.selectors(dilated))
+    assert chosen["cam.dilations"] == (3, 6) and {k: v for k, v in chosen.items() if k != "cam.dilations"} == plain

@@ -31,10 +31,17 @@ VOC_CLASSES = (
 )
 
 
-def key(default, doc: str, *, choices=None, low=None, high=None, positive=False, check=None):
+_NO_NEUTRAL = object()
+
+
+def key(default, doc: str, *, choices=None, low=None, high=None, positive=False, check=None, neutral=_NO_NEUTRAL):
     """A config field: default, meaning (with unit) and the allowed values. `check(value, where)`
-    validates what a type and a range cannot say (e.g. a model's options against its constructor)."""
+    validates what a type and a range cannot say (e.g. a model's options against its constructor).
+    `neutral`: for an option added after runs already exist, the value at which it changes nothing;
+    at that value the key stays out of the stages' fingerprints, so earlier runs stay up to date."""
     meta = {"doc": doc, "choices": choices, "low": low, "high": high, "positive": positive, "check": check}
+    if neutral is not _NO_NEUTRAL:
+        meta["neutral"] = neutral
     if isinstance(default, list) or (isinstance(default, dict) and not isinstance(default, FrozenMap)):
         raise TypeError("use tuples and FrozenMaps for defaults (configs are frozen)")
     return field(default=default, metadata=meta)
@@ -134,6 +141,9 @@ class CamSection:
     sweep: tuple[float, ...] = key(tuple(round(0.05 * i, 2) for i in range(1, 20)),
                                    "background scores swept when evaluating CAMs (0.05-0.95: CAMs trained from scratch peak "
                                    "above IRN's 0.60 ceiling); the report says when the best lies at an end")
+    dilations: tuple[int, ...] = key((), "multi-dilated CAM (Wei et al., CVPR 2018): 3x3 classification heads with these "
+                                         "dilations beside the 1x1 one, e.g. [3, 6, 9]; the CAM adds their mean map. [] = IRN's head",
+                                     low=1, neutral=())
     recam: bool = key(False, "ReCAM: extra epochs with a softmax loss on class-specific features")
     recam_epochs: int = key(4, "ReCAM epochs after the BCE training", low=1)
     recam_lr: float = key(0.0005, "ReCAM phase: lr of its new classifier; the backbone and BCE classifier get 0.1x (ReCAM's code)", positive=True)
@@ -501,6 +511,8 @@ def _check_consistency(config: Config) -> None:
         raise UserError(f"cam.train_stages: {list(cam.train_stages)}; stages are stem, layer1, layer2, layer3, layer4")
     if not cam.scales:
         raise UserError("cam.scales: give at least one scale, e.g. [1.0]")
+    if cam.recam and cam.dilations:
+        raise UserError("cam.recam and cam.dilations do not combine (ReCAM re-weights the 1x1 head only); choose one")
     if config.relations.conf_bg > config.relations.conf_fg:
         raise UserError(
             f"relations.conf_bg ({config.relations.conf_bg}) must not exceed relations.conf_fg "

@@ -66,7 +66,11 @@ def evaluation_names() -> list[str]:
 # ---------------------------------------------------------------------------- fingerprints
 
 def selected_config(config: Config, selectors: tuple[str, ...]) -> dict[str, Any]:
-    """Flatten the selected keys: "cam" = every cam key, "cam.scales" = one, "-cam.sweep" removes one."""
+    """Flatten the selected keys: "cam" = every cam key, "cam.scales" = one, "-cam.sweep" removes one.
+
+    A key at its `neutral` value (config.key: the value at which it changes nothing, i.e. how
+    wsseg behaved before the key existed) is left out, so that adding an option does not make
+    every earlier run stale."""
     values: dict[str, Any] = {}
     for selector in selectors:
         if selector.startswith("-"):
@@ -76,7 +80,10 @@ def selected_config(config: Config, selectors: tuple[str, ...]) -> dict[str, Any
             values[selector] = config.get(selector)
         else:
             for f in dataclasses.fields(CONFIG_SECTIONS[selector]):
-                values[f"{selector}.{f.name}"] = getattr(config.get(selector), f.name)
+                value = getattr(config.get(selector), f.name)
+                if "neutral" in f.metadata and value == f.metadata["neutral"]:
+                    continue
+                values[f"{selector}.{f.name}"] = value
     for selector in selectors:  # exclusions win whatever their position
         if selector.startswith("-"):
             values.pop(selector[1:], None)

@@ -305,3 +305,58 @@ def test_recam_training_lowers_its_loss():
     # Measured 1.36 -> 0.44 for the ReCAM term (seeds 1-3: final 0.44-0.57).
     assert recam_values[-1] < 0.7 * recam_values[0], recam_values
     assert losses[-1] < losses[0], losses
+
+
+# ---------------------------------------------------------------- multi-dilated CAM
+
+
+def tiny_dilated_net(seed: int = 0) -> CAMNet:
+    torch.manual_seed(seed)
+    net = CAMNet(ResNet(18, width=0.25, strides=(1, 2, 2, 1)), NUM_CLASSES, dilations=(3, 6))
+    with torch.no_grad():
+        net.classifier.weight.abs_()
+        for head in net.dilated:
+            head.weight.abs_()
+    return net.eval()
+
+
+def test_dilated_heads_each_give_logits_and_the_map_adds_their_mean():
+    """Wei et al.: H = H_1 + mean(H_d); every head's logits are the spatial mean of its own map."""
+    net = tiny_dilated_net()
+    x = torch.randn(2, 3, 67, 53)
+    with torch.no_grad():
+        features = net.backbone(x)["layer4"]
+        heads = net(x, branches=True)
+        maps = net.cams(x)
+    assert heads.shape == (2, 3, NUM_CLASSES)
+    torch.testing.assert_close(net(x), heads.mean(dim=1))
+    plain = F.relu(F.conv2d(features, net.classifier.weight))
+    dilated = [F.conv2d(features, head.weight, padding=d, dilation=d) for d, head in zip((3, 6), net.dilated)]
+    for k, pre_relu in enumerate(dilated, start=1):
+        torch.testing.assert_close(heads[:, k], pre_relu.mean(dim=(2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(maps, plain + (F.relu(dilated[0]) + F.relu(dilated[1])) / 2)
+    # the heads learn at the classifier's rate, the backbone at its own
+    backbone_params, head_params = net.param_groups()
+    assert {id(p) for p in head_params} == {id(net.classifier.weight), *(id(h.weight) for h in net.dilated)}
+    # one loss per head: the mean of the heads' BCE
+    tags = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0]])
+    expected = sum(cam_loss(heads[:, k], tags) for k in range(3)) / 3
+    torch.testing.assert_close(cam_loss(heads, tags), expected)
+
+
+def test_multiscale_cams_of_a_dilated_net_match_the_plain_reference():
+    net = tiny_dilated_net()
+    image = torch.randn(3, 61, 70)
+    keys = torch.tensor([2, 0])
+    cam, high_res = multiscale_cams(net, image, keys, scales=(1.0, 0.5))
+    ref_cam, ref_high = reference_multiscale_cams(net, image, keys, (1.0, 0.5))
+    torch.testing.assert_close(cam, ref_cam, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(high_res, ref_high, rtol=1e-4, atol=1e-5)
+    # and through the folded inference copy make-cam uses
+    fast = inference_network(net, channels_last=True)
+    torch.testing.assert_close(multiscale_cams(fast, image, keys, scales=(1.0, 0.5))[1], ref_high, rtol=1e-3, atol=1e-4)
+
+
+def test_recam_and_dilated_heads_are_refused_together():
+    with pytest.raises(ValueError, match="do not combine"):
+        CAMNet(ResNet(18, width=0.25), NUM_CLASSES, recam=True, dilations=(3,))

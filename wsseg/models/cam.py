@@ -52,18 +52,30 @@ class CAMNet(nn.Module):
             ReCAM's map by default.
     """
 
-    def __init__(self, backbone: ResNet, num_classes: int, *, recam: bool = False) -> None:
+    def __init__(self, backbone: ResNet, num_classes: int, *, recam: bool = False,
+                 dilations: Sequence[int] = ()) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.recam = recam
+        self.dilations = tuple(int(d) for d in dilations)
+        if recam and self.dilations:
+            raise ValueError("ReCAM and multi-dilated heads do not combine: choose one")
         features = backbone.channels["layer4"]
         # PyTorch's default conv init, as in IRN (only the backbone gets kaiming init).
         self.classifier = nn.Conv2d(features, num_classes, 1, bias=False)
         self.recam_classifier = nn.Conv2d(features, num_classes, 1, bias=False) if recam else None
+        # Multi-dilated CAM (Wei et al., CVPR 2018): 3x3 classification heads of larger dilation
+        # beside the 1x1 one; each is trained with its own loss, and the map adds their mean.
+        self.dilated = nn.ModuleList(nn.Conv2d(features, num_classes, 3, padding=d, dilation=d, bias=False)
+                                     for d in self.dilations)
 
-    def forward(self, x: Tensor, *, with_recam: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, *, with_recam: bool = False, branches: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """x (B, 3, H, W) normalised -> logits (B, C).
+
+        branches=True returns every classification head's logits, (B, 1 + len(dilations), C):
+        the 1x1 head's first, then each dilated head's (the GAP of its map), for a loss on
+        each; without it a multi-dilated model's logits are the mean over its heads.
 
         with_recam=True returns (logits, recam_logits): recam_logits (B, C, C)[b, k] are
         the second classifier's C logits for image b's class-k feature, the spatial mean
@@ -72,6 +84,12 @@ class CAMNet(nn.Module):
         """
         features = self.backbone(x)["layer4"]
         logits = self.classifier(features.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        if self.dilations:
+            heads = [logits] + [head(features).mean(dim=(2, 3)) for head in self.dilated]
+            stacked = torch.stack(heads, dim=1)
+            return stacked if branches else stacked.mean(dim=1)
+        if branches:
+            return logits[:, None]
         if not with_recam:
             return logits
         if self.recam_classifier is None:
@@ -98,10 +116,25 @@ class CAMNet(nn.Module):
             raise ValueError("recam=True needs a CAMNet built with recam=True")
         return self.classifier.weight * self.recam_classifier.weight
 
+    def class_maps(self, features: Tensor, keys: Tensor | None = None, *, recam: bool | None = None) -> Tensor:
+        """layer4 features (B, D, h, w) -> CAMs (B, K, h, w) >= 0 of the classes `keys` (all if None).
+
+        The 1x1 head's ReLU'd map (ReCAM's when `recam`, see cam_weight); with dilated heads,
+        plus the mean of their ReLU'd maps (Wei et al.'s H = H_1 + mean(H_3, H_6, H_9))."""
+        weight = self.cam_weight(recam=recam)
+        weight = (weight if keys is None else weight[keys]).to(features.dtype)
+        maps = F.relu(F.conv2d(features, weight))
+        if self.dilations:
+            extra = torch.zeros_like(maps)
+            for dilation, head in zip(self.dilations, self.dilated):
+                head_weight = (head.weight if keys is None else head.weight[keys]).to(features.dtype)
+                extra += F.relu(F.conv2d(features, head_weight, padding=dilation, dilation=dilation))
+            maps = maps + extra / len(self.dilations)
+        return maps
+
     def cams(self, x: Tensor, *, recam: bool | None = None) -> Tensor:
         """x (B, 3, H, W) -> CAMs (B, C, h, w) >= 0 at the backbone's output stride."""
-        features = self.backbone(x)["layer4"]
-        return F.relu(F.conv2d(features, self.cam_weight(recam=recam)))
+        return self.class_maps(self.backbone(x)["layer4"], recam=recam)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters that learn, head parameters) for the 1x / 10x learning rates.
@@ -112,6 +145,7 @@ class CAMNet(nn.Module):
         """
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         heads = [p for p in self.classifier.parameters() if p.requires_grad]
+        heads += [p for p in self.dilated.parameters() if p.requires_grad]
         if self.recam_classifier is not None:
             heads += [p for p in self.recam_classifier.parameters() if p.requires_grad]
         return backbone, heads
@@ -120,9 +154,13 @@ class CAMNet(nn.Module):
 def cam_loss(logits: Tensor, tags: Tensor) -> Tensor:
     """Multi-label soft margin loss: sigmoid BCE averaged over classes and the batch.
 
-    logits (B, C) float; tags (B, C) multi-hot 0/1 (any dtype). Computed in float32.
+    logits (B, C) float, or (B, N, C) for N classification heads (the mean of their
+    losses); tags (B, C) multi-hot 0/1 (any dtype). Computed in float32.
     """
-    return F.binary_cross_entropy_with_logits(logits.float(), tags.to(torch.float32))
+    tags = tags.to(torch.float32)
+    if logits.dim() == 3:
+        tags = tags[:, None].expand_as(logits)
+    return F.binary_cross_entropy_with_logits(logits.float(), tags)
 
 
 def recam_loss(recam_logits: Tensor, tags: Tensor) -> Tensor:
@@ -202,7 +240,6 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
     model.eval()
     try:
         with torch.inference_mode():
-            weight = model.cam_weight(recam=recam)[keys].float()
             cam = torch.zeros((keys.numel(), *small_size), device=device)
             high_res = torch.zeros((keys.numel(), *padded_size), device=device)
             for scale in scales:
@@ -219,7 +256,7 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                     else:
                         features = torch.cat([model.backbone(scaled)["layer4"],
                                               model.backbone(scaled.flip(-1))["layer4"]])
-                maps = F.relu(F.conv2d(features.float(), weight))
+                maps = model.class_maps(features.float(), keys, recam=recam)
                 summed = (maps[0] + maps[1].flip(-1))[None]
                 cam += F.interpolate(summed, size=small_size, mode="bilinear", align_corners=False)[0]
                 high_res += F.interpolate(summed, size=padded_size, mode="bilinear", align_corners=False)[0]

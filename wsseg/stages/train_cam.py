@@ -34,7 +34,7 @@ def build_network(config: Config, *, load_pretrained: bool = True) -> CAMNet:
                       frozen_bn=config.cam.frozen_bn, trainable=config.cam.train_stages)
     if load_pretrained:
         load_weights(backbone, config.backbone.weights)
-    return CAMNet(backbone, len(config.data.classes), recam=config.cam.recam)
+    return CAMNet(backbone, len(config.data.classes), recam=config.cam.recam, dilations=config.cam.dilations)
 
 
 def load_network(config: Config, store: RunStore) -> CAMNet:
@@ -63,7 +63,8 @@ def run(ctx: StageContext) -> dict:
                     momentum=cam.momentum, weight_decay=cam.weight_decay)
 
     def bce(net, batch):
-        loss = cam_loss(net(batch["image"]), batch["tags"])
+        # every classification head has its own loss (one head unless cam.dilations adds more)
+        loss = cam_loss(net(batch["image"], branches=bool(cam.dilations)), batch["tags"])
         return {"total": loss}
 
     result = train(ctx, model=model, optimizer=optimizer, dataset=images, batch_size=cam.batch_size, epochs=cam.epochs,
