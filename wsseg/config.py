@@ -144,6 +144,13 @@ class CamSection:
     dilations: tuple[int, ...] = key((), "multi-dilated CAM (Wei et al., CVPR 2018): 3x3 classification heads with these "
                                          "dilations beside the 1x1 one, e.g. [3, 6, 9]; the CAM adds their mean map. [] = IRN's head",
                                      low=1, neutral=())
+    advcam: bool = key(False, "AdvCAM (Lee et al., CVPR 2021) in make-cam: CAMs accumulated over anti-adversarial steps "
+                              "on the image; no retraining, ~advcam_steps forward+backward passes per scale and class", neutral=False)
+    advcam_steps: int = key(27, "AdvCAM: manipulation steps per scale and class (the paper's VOC setting: 27)", low=1)
+    advcam_step_size: float = key(0.08, "AdvCAM: step size on the normalised image gradient (paper: 0.08)", positive=True)
+    advcam_mask_threshold: float = key(0.5, "AdvCAM: regions above this share of the map's max are kept from growing (paper: 0.5)",
+                                       low=0.0, high=1.0)
+    advcam_regularisation: float = key(7.0, "AdvCAM: weight of the masked L1 term that holds those regions (paper: 7)", low=0.0)
     recam: bool = key(False, "ReCAM: extra epochs with a softmax loss on class-specific features")
     recam_epochs: int = key(4, "ReCAM epochs after the BCE training", low=1)
     recam_lr: float = key(0.0005, "ReCAM phase: lr of its new classifier; the backbone and BCE classifier get 0.1x (ReCAM's code)", positive=True)

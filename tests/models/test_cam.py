@@ -360,3 +360,42 @@ def test_multiscale_cams_of_a_dilated_net_match_the_plain_reference():
 def test_recam_and_dilated_heads_are_refused_together():
     with pytest.raises(ValueError, match="do not combine"):
         CAMNet(ResNet(18, width=0.25), NUM_CLASSES, recam=True, dilations=(3,))
+
+
+# ---------------------------------------------------------------- AdvCAM
+
+
+def test_advcam_with_one_step_is_irns_multiscale_cam():
+    """x_0 alone: the accumulated map is the plain map, so the only difference AdvCAM makes is
+    what the manipulation adds."""
+    from wsseg.models.cam import advcam_maps
+
+    net = tiny_cam_net()
+    image, keys = torch.randn(3, 61, 70), torch.tensor([3, 0])
+    adv_cam, adv_high = advcam_maps(net, image, keys, scales=(1.0, 0.5), steps=1)
+    cam, high = multiscale_cams(net, image, keys, scales=(1.0, 0.5))
+    torch.testing.assert_close(adv_cam, cam, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adv_high, high, rtol=1e-4, atol=1e-5)
+    assert all(p.requires_grad for p in net.parameters())  # the model is left as it was
+
+
+def test_the_climb_raises_the_class_against_the_others_and_grows_its_map():
+    from wsseg.models.cam import anti_adversarial_climb
+
+    net = tiny_cam_net(positive=False)
+    image = torch.randn(1, 3, 64, 64)
+    pair = torch.cat([image, image.flip(-1)])
+
+    def margin(x, key):
+        with torch.no_grad():
+            logits = net.class_maps(net.backbone(x)["layer4"]).mean(dim=(2, 3))
+        return (logits[:, key] - (logits.sum(dim=1) - logits[:, key])).sum().item()
+
+    for key in range(NUM_CLASSES):
+        summed, last = anti_adversarial_climb(net, pair, key, steps=8, regularisation=0.0)
+        assert margin(last, key) > margin(pair, key)
+        assert last.min() >= pair.min() and last.max() <= pair.max()  # the image's value range
+        with torch.no_grad():
+            start = net.class_maps(net.backbone(pair)["layer4"])
+        first = start[0, key] + start[1, key].flip(-1)
+        assert summed.sum() > 8 * first.sum()  # the later steps' maps add more than the first

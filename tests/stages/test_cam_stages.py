@@ -156,3 +156,29 @@ def test_a_best_threshold_at_an_end_of_the_sweep_is_said(cam_run):
     assert make_cam.quality(metrics).endswith("at bg 0.60 (an end of cam.sweep)")
     wide = make_cam.evaluate(cam_run, store)
     assert not wide["best_at_sweep_edge"] and "end of cam.sweep" not in make_cam.quality(wide)
+
+
+def test_advcam_runs_in_make_cam_and_only_its_own_keys_make_it_stale(cam_run, tmp_path):
+    import shutil
+
+    import wsseg.stages.make_cam as make_cam
+    from tiny import tiny_config
+
+    run = tmp_path / "run"
+    shutil.copytree(cam_run.run.dir, run)
+    one_step = tiny_config(cam_run.data.root, run, "cam.advcam=true", "cam.advcam_steps=1")
+    states = {s.name: s for s in pipeline.status(one_step)}
+    assert states["train-cam"].state == "done" and states["make-cam"].state == "stale"
+    pipeline.run_stage(make_cam.STAGE, one_step)
+    source = RunStore(cam_run.run.dir)
+    ids = artifacts.image_ids(one_step, "data.label_list")
+    for image_id in ids[:6]:  # one step of AdvCAM is the plain CAM (up to the folded network's rounding)
+        ours = artifacts.read_cams(artifacts.cam_path(RunStore(run), image_id))["high_res"]
+        plain = artifacts.read_cams(artifacts.cam_path(source, image_id))["high_res"]
+        np.testing.assert_allclose(ours, plain, atol=2e-3)
+    three = tiny_config(cam_run.data.root, run, "cam.advcam=true", "cam.advcam_steps=3")
+    assert {s.name: s.state for s in pipeline.status(three)}["make-cam"] == "stale"
+    pipeline.run_stage(make_cam.STAGE, three)
+    changed = [not np.allclose(artifacts.read_cams(artifacts.cam_path(RunStore(run), i))["high_res"],
+                               artifacts.read_cams(artifacts.cam_path(source, i))["high_res"], atol=2e-3) for i in ids]
+    assert np.mean(changed) > 0.5  # the manipulation changes the maps

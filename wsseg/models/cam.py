@@ -267,3 +267,85 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
         model.train(was_training)
     # Clones outside inference mode are ordinary tensors the caller may edit in place.
     return cam.clone(), high_res.clone()
+
+
+def advcam_maps(model: CAMNet, image: Tensor, keys: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), *,
+                steps: int = 27, step_size: float = 0.08, mask_threshold: float = 0.5,
+                regularisation: float = 7.0) -> tuple[Tensor, Tensor]:
+    """AdvCAM (Lee et al., CVPR 2021): CAMs accumulated over anti-adversarial image manipulation.
+
+    For every scale and present class c, the image and its flip (one batch of 2) are moved
+    `steps` times along the normalised gradient of
+        y_c - sum_{k != c} y_k - regularisation * || M * |CAM_c(x_t) - CAM_c(x_0)| ||_1
+    (y: the spatial mean of the ReLU'd class maps, both images; CAM_c: the flip-summed map of
+    class c; M: where CAM_c(x_t) exceeds `mask_threshold` of its max, so regions that are
+    already high do not grow further), x_{t+1} = x_t + step_size * grad / max|grad|, kept
+    within the image's value range. The map of class c at that scale is the sum of CAM_c over
+    the steps (x_0 included). Scales below 1 take half the steps when there are more than 10
+    (as AdvCAM's code does for its 0.5 scale). Resizing, summing over scales and the max
+    normalisation are multiscale_cams'; so are the arguments and the returned (cam,
+    high_res). The model's own parameters get no gradient. Cost: about `steps` forward and
+    backward passes of a batch of 2 per scale and class.
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    height, width = image.shape[1:]
+    device = image.device
+    small_size = (math.ceil(height / 4), math.ceil(width / 4))
+    padded_size = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
+    keys = keys.to(device=device, dtype=torch.long)
+    cam = torch.zeros((keys.numel(), *small_size), device=device)
+    high_res = torch.zeros((keys.numel(), *padded_size), device=device)
+    if keys.numel() == 0:
+        return cam, high_res[:, :height, :width]
+    was_training = model.training
+    model.eval()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for scale in scales:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                scaled = image[None].float()
+                if size != (height, width):
+                    scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False, antialias=True)
+                pair = torch.cat([scaled, scaled.flip(-1)]).detach()
+                scale_steps = steps // 2 if scale < 1 and steps > 10 else steps
+                for index, key in enumerate(keys.tolist()):
+                    summed, _ = anti_adversarial_climb(model, pair, key, scale_steps, step_size=step_size,
+                                                       mask_threshold=mask_threshold, regularisation=regularisation)
+                    summed = summed[None, None]
+                    cam[index] += F.interpolate(summed, size=small_size, mode="bilinear", align_corners=False)[0, 0]
+                    high_res[index] += F.interpolate(summed, size=padded_size, mode="bilinear", align_corners=False)[0, 0]
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    high_res = high_res[:, :height, :width]
+    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
+    high_res = high_res / (high_res.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
+    return cam.detach(), high_res.detach()
+
+
+def anti_adversarial_climb(model: CAMNet, pair: Tensor, key: int, steps: int, *, step_size: float = 0.08,
+                           mask_threshold: float = 0.5, regularisation: float = 7.0) -> tuple[Tensor, Tensor]:
+    """AdvCAM's manipulation of one (image, flipped image) batch (2, 3, h, w) for class `key`:
+    returns (the flip-summed ReLU'd map of the class summed over the `steps` images x_0..x_{T-1},
+    the last image x_T). See advcam_maps for the objective; gradients reach only the images."""
+    low, high = pair.min(), pair.max()
+    x, start, summed = pair.detach(), None, torch.zeros(())
+    for _ in range(steps):
+        x = x.detach().requires_grad_(True)
+        maps = model.class_maps(model.backbone(x)["layer4"])  # (2, C, h, w), ReLU'd
+        region = maps[0, key] + maps[1, key].flip(-1)
+        if start is None:
+            start = region.detach()
+        summed = summed + region.detach()
+        logits = maps.mean(dim=(2, 3))  # (2, C): AdvCAM's scores are the GAP of the ReLU'd maps
+        own = logits[:, key].sum()
+        mask = region.detach() > mask_threshold * region.detach().max()
+        objective = own - (logits.sum() - own) - regularisation * ((region - start).abs() * mask).sum()
+        (grad,) = torch.autograd.grad(objective, x)
+        x = (x.detach() + step_size * grad / (grad.abs().max() + 1e-12)).clamp(low, high)
+    return summed, x.detach()

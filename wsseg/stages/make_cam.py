@@ -20,7 +20,7 @@ from wsseg.context import Progress, StageContext
 from wsseg.data.transforms import normalize
 from wsseg.errors import UserError
 from wsseg.metrics import best_background_threshold
-from wsseg.models.cam import inference_network, multiscale_cams
+from wsseg.models.cam import advcam_maps, inference_network, multiscale_cams
 from wsseg.ops.thresholds import otsu_threshold, relative_power, value_histogram
 from wsseg.stage import Stage, fmt
 from wsseg.stages.artifacts import cam_path, ids_with_ground_truth, image_ids, is_whole, open_dataset, read_cams, write_cams
@@ -36,13 +36,21 @@ def run(ctx: StageContext) -> dict:
     # BatchNorms folded into the convs, channels_last on CPU always (it pays there at every
     # size measured, docs/BENCHMARKS.md) and on CUDA as run.channels_last says.
     channels_last = ctx.device.type == "cpu" or config.run.channels_last
-    model = inference_network(load_network(config, ctx.store).to(ctx.device), channels_last=channels_last)
+    network = load_network(config, ctx.store).to(ctx.device)
+    # AdvCAM needs gradients through the network; the folded copy is for inference only.
+    model = network if config.cam.advcam else inference_network(network, channels_last=channels_last)
     folder = ctx.folder("cams")
 
     def work(image_id: str) -> None:
         image = torch.from_numpy(normalize(dataset.read_image(image_id))).permute(2, 0, 1).to(ctx.device)
         keys = torch.from_numpy(dataset.tags(image_id)).to(ctx.device)
-        cam, high_res = multiscale_cams(model, image, keys, config.cam.scales, amp_dtype=ctx.amp_dtype)
+        if config.cam.advcam:
+            cam, high_res = advcam_maps(model, image, keys, config.cam.scales, steps=config.cam.advcam_steps,
+                                        step_size=config.cam.advcam_step_size,
+                                        mask_threshold=config.cam.advcam_mask_threshold,
+                                        regularisation=config.cam.advcam_regularisation)
+        else:
+            cam, high_res = multiscale_cams(model, image, keys, config.cam.scales, amp_dtype=ctx.amp_dtype)
         write_cams(cam_path(ctx.store, image_id), keys.cpu().numpy(), cam.cpu().numpy(), high_res.cpu().numpy())
 
     counts = for_each_image(ctx, ids, lambda i: cam_path(ctx.store, i), work, report_folder=folder)
@@ -191,7 +199,10 @@ STAGE = Stage(
     run=run,
     outputs=("cams",),
     needs=("train-cam",),
-    reads=("data.root", "data.classes", "data.label_list", "data.eval_list", "data.cls_labels", "cam.scales"),
+    # AdvCAM's settings change the CAMs only when it is on
+    reads=lambda config: ("data.root", "data.classes", "data.label_list", "data.eval_list", "data.cls_labels", "cam.scales",
+                          *(("cam.advcam", "cam.advcam_steps", "cam.advcam_step_size", "cam.advcam_mask_threshold",
+                             "cam.advcam_regularisation") if config.cam.advcam else ())),
     headline="miou",
     quality=quality,
     evaluators={"cams": evaluate},

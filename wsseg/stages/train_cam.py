@@ -131,7 +131,8 @@ STAGE = Stage(
     run=run,
     outputs=("cam",),
     reads=("run.seed", "data.root", "data.classes", "data.train_list", "data.cls_labels", "backbone", "cam",
-           "-cam.scales", "-cam.eval_threshold", "-cam.sweep", "-cam.threshold_mode"),
+           "-cam.scales", "-cam.eval_threshold", "-cam.sweep", "-cam.threshold_mode", "-cam.advcam", "-cam.advcam_steps",
+           "-cam.advcam_step_size", "-cam.advcam_mask_threshold", "-cam.advcam_regularisation"),
     headline="val_map",
     quality=quality,
 )
