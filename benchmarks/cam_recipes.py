@@ -44,6 +44,7 @@ RECIPES: dict[str, list[str]] = {
     "irn-optimiser-epochs20": ["cam.lr=1.0", "cam.classifier_lr_mult=0.1", "cam.momentum=0.0", "cam.epochs=20"],
     "epochs30": ["cam.epochs=30"],
     "irn-optimiser-epochs30": ["cam.lr=1.0", "cam.classifier_lr_mult=0.1", "cam.momentum=0.0", "cam.epochs=30"],
+    "irn-optimiser-epochs40": ["cam.lr=1.0", "cam.classifier_lr_mult=0.1", "cam.momentum=0.0", "cam.epochs=40"],
     "epochs20-wd5e-4": ["cam.epochs=20", "cam.weight_decay=0.0005"],
     "dilated-epochs20": ["cam.epochs=20", "cam.dilations=[3,6,9]"],
 }

@@ -182,3 +182,11 @@ def test_advcam_runs_in_make_cam_and_only_its_own_keys_make_it_stale(cam_run, tm
     changed = [not np.allclose(artifacts.read_cams(artifacts.cam_path(RunStore(run), i))["high_res"],
                                artifacts.read_cams(artifacts.cam_path(source, i))["high_res"], atol=2e-3) for i in ids]
     assert np.mean(changed) > 0.5  # the manipulation changes the maps
+    # the plain CAM is kept beside the method's map (for inspect): it is make-cam's usual output
+    kept = artifacts.read_cams(artifacts.cam_path(RunStore(run), ids[0]))
+    np.testing.assert_allclose(kept["plain"], artifacts.read_cams(artifacts.cam_path(source, ids[0]))["high_res"], atol=2e-3)
+    from wsseg.inspect import ImageView
+
+    view = ImageView(three, RunStore(run), artifacts.open_dataset(three), ids[0])
+    tiles = make_cam.inspect_tiles(view)
+    assert len(tiles) == 2 * len(kept["keys"]) + 1  # plain and AdvCAM per class, then the CAM labels

@@ -116,15 +116,16 @@ class CAMNet(nn.Module):
             raise ValueError("recam=True needs a CAMNet built with recam=True")
         return self.classifier.weight * self.recam_classifier.weight
 
-    def class_maps(self, features: Tensor, keys: Tensor | None = None, *, recam: bool | None = None) -> Tensor:
+    def class_maps(self, features: Tensor, keys: Tensor | None = None, *, recam: bool | None = None,
+                   dilated: bool = True) -> Tensor:
         """layer4 features (B, D, h, w) -> CAMs (B, K, h, w) >= 0 of the classes `keys` (all if None).
 
-        The 1x1 head's ReLU'd map (ReCAM's when `recam`, see cam_weight); with dilated heads,
-        plus the mean of their ReLU'd maps (Wei et al.'s H = H_1 + mean(H_3, H_6, H_9))."""
+        The 1x1 head's ReLU'd map (ReCAM's when `recam`, see cam_weight); with dilated heads
+        (and `dilated`), plus the mean of their ReLU'd maps (Wei et al.'s H = H_1 + mean(H_3, H_6, H_9))."""
         weight = self.cam_weight(recam=recam)
         weight = (weight if keys is None else weight[keys]).to(features.dtype)
         maps = F.relu(F.conv2d(features, weight))
-        if self.dilations:
+        if self.dilations and dilated:
             extra = torch.zeros_like(maps)
             for dilation, head in zip(self.dilations, self.dilated):
                 head_weight = (head.weight if keys is None else head.weight[keys]).to(features.dtype)
@@ -199,7 +200,7 @@ def inference_network(model: CAMNet, *, channels_last: bool) -> CAMNet:
 
 def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                     scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), *,
-                    recam: bool | None = None,
+                    recam: bool | None = None, dilated: bool = True,
                     amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """IRN's make_cam for one image: multi-scale, flip-summed, max-normalised CAMs.
 
@@ -210,6 +211,7 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
         keys: (K,) int64 0-based present classes; the output channels, in this order.
         scales: image scales (IRN: 1.0, 0.5, 1.5, 2.0).
         recam: None follows the model; see CAMNet.cam_weight.
+        dilated: False leaves a multi-dilated model's dilated heads out (its plain 1x1 map).
         amp_dtype: run the backbone under torch.autocast with this dtype (e.g.
             torch.bfloat16 on CUDA); the sums are float32.
 
@@ -256,7 +258,7 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                     else:
                         features = torch.cat([model.backbone(scaled)["layer4"],
                                               model.backbone(scaled.flip(-1))["layer4"]])
-                maps = model.class_maps(features.float(), keys, recam=recam)
+                maps = model.class_maps(features.float(), keys, recam=recam, dilated=dilated)
                 summed = (maps[0] + maps[1].flip(-1))[None]
                 cam += F.interpolate(summed, size=small_size, mode="bilinear", align_corners=False)[0]
                 high_res += F.interpolate(summed, size=padded_size, mode="bilinear", align_corners=False)[0]

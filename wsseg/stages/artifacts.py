@@ -65,23 +65,27 @@ def cam_path(store: RunStore, image_id: str) -> Path:
     return store.folder("cams") / f"{image_id}.npz"
 
 
-def write_cams(path: Path, keys: np.ndarray, cam: np.ndarray, high_res: np.ndarray) -> None:
-    """`keys` (K,) int64 0-based classes; `cam` (K, ceil(H/4), ceil(W/4)); `high_res` (K, H, W); stored float16."""
+def write_cams(path: Path, keys: np.ndarray, cam: np.ndarray, high_res: np.ndarray, plain: np.ndarray | None = None) -> None:
+    """`keys` (K,) int64 0-based classes; `cam` (K, ceil(H/4), ceil(W/4)); `high_res` (K, H, W); stored float16.
+    `plain` (K, H, W), with a CAM method on (cam.dilations, cam.advcam): the plain CAM, for inspect to compare."""
+    arrays = {"keys": np.asarray(keys, np.int64), "cam": np.asarray(cam, np.float16),
+              "high_res": np.asarray(high_res, np.float16)}
+    if plain is not None:
+        arrays["plain"] = np.asarray(plain, np.float16)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, keys=np.asarray(keys, np.int64), cam=np.asarray(cam, np.float16),
-                                high_res=np.asarray(high_res, np.float16))
+            np.savez_compressed(handle, **arrays)
 
 
 def read_cams(path: Path) -> dict[str, np.ndarray] | None:
-    """{"keys", "cam", "high_res"} as int64/float32, or None if missing or damaged."""
+    """{"keys", "cam", "high_res"} (and "plain" when written) as int64/float32, or None if missing or damaged."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            out = {"keys": data["keys"].astype(np.int64), "cam": data["cam"].astype(np.float32),
-                   "high_res": data["high_res"].astype(np.float32)}
+            out = {name: data[name].astype(np.int64 if name == "keys" else np.float32)
+                   for name in ("keys", "cam", "high_res", "plain") if name in data.files or name != "plain"}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    if out["cam"].shape[0] != out["keys"].shape[0] or out["high_res"].shape[0] != out["keys"].shape[0]:
+    if any(out[name].shape[0] != out["keys"].shape[0] for name in out):
         return None
     return out
 

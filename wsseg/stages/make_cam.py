@@ -37,21 +37,25 @@ def run(ctx: StageContext) -> dict:
     # size measured, docs/BENCHMARKS.md) and on CUDA as run.channels_last says.
     channels_last = ctx.device.type == "cpu" or config.run.channels_last
     network = load_network(config, ctx.store).to(ctx.device)
-    # AdvCAM needs gradients through the network; the folded copy is for inference only.
-    model = network if config.cam.advcam else inference_network(network, channels_last=channels_last)
+    model = inference_network(network, channels_last=channels_last)
+    method = config.cam.advcam or bool(config.cam.dilations)  # a CAM method: keep the plain CAM beside its map
     folder = ctx.folder("cams")
 
     def work(image_id: str) -> None:
         image = torch.from_numpy(normalize(dataset.read_image(image_id))).permute(2, 0, 1).to(ctx.device)
         keys = torch.from_numpy(dataset.tags(image_id)).to(ctx.device)
-        if config.cam.advcam:
-            cam, high_res = advcam_maps(model, image, keys, config.cam.scales, steps=config.cam.advcam_steps,
+        if config.cam.advcam:  # needs gradients through the network: the folded copy is for inference only
+            cam, high_res = advcam_maps(network, image, keys, config.cam.scales, steps=config.cam.advcam_steps,
                                         step_size=config.cam.advcam_step_size,
                                         mask_threshold=config.cam.advcam_mask_threshold,
                                         regularisation=config.cam.advcam_regularisation)
         else:
             cam, high_res = multiscale_cams(model, image, keys, config.cam.scales, amp_dtype=ctx.amp_dtype)
-        write_cams(cam_path(ctx.store, image_id), keys.cpu().numpy(), cam.cpu().numpy(), high_res.cpu().numpy())
+        plain = None
+        if method:
+            plain = multiscale_cams(model, image, keys, config.cam.scales, dilated=False, amp_dtype=ctx.amp_dtype)[1]
+            plain = plain.cpu().numpy()
+        write_cams(cam_path(ctx.store, image_id), keys.cpu().numpy(), cam.cpu().numpy(), high_res.cpu().numpy(), plain)
 
     counts = for_each_image(ctx, ids, lambda i: cam_path(ctx.store, i), work, report_folder=folder)
     ctx.dist.barrier()
@@ -178,8 +182,14 @@ def inspect_tiles(view) -> list[np.ndarray]:
     cams = read_cams(cam_path(view.store, view.id))
     if cams is None:
         return []
-    tiles = [viz.tile(f"CAM {view.names[key]}", viz.cam_overlay(view.image, cams["high_res"][channel]))
-             for channel, key in enumerate(cams["keys"])]
+    method = "+".join(name for name, on in (("multi-dilated", bool(view.config.cam.dilations)),
+                                            ("AdvCAM", view.config.cam.advcam)) if on)
+    tiles = []
+    for channel, key in enumerate(cams["keys"]):
+        if "plain" in cams:  # the chosen method's map beside the plain CAM it starts from
+            tiles.append(viz.tile(f"CAM {view.names[key]} (plain)", viz.cam_overlay(view.image, cams["plain"][channel])))
+        title = f"CAM {view.names[key]}" + (f" ({method})" if method and "plain" in cams else "")
+        tiles.append(viz.tile(title, viz.cam_overlay(view.image, cams["high_res"][channel])))
     threshold = label_threshold(view.config, view.store)
     tiles.append(view.labels_tile(f"CAM labels (bg {threshold:.2f}, {view.config.cam.threshold_mode})",
                                   cam_label_map(cams, threshold)))
