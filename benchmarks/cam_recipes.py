@@ -10,7 +10,7 @@ Finished runs are cached (the pipeline's own records), so adding a seed or a rec
 reruns only what is new.
 
     .venv/bin/python benchmarks/cam_recipes.py --recipes demo,irn-optimiser --data-seeds 0,7,11
-    .venv/bin/python benchmarks/cam_recipes.py --classes 20 --data-seeds 0,7 --recipes demo,irn-optimiser
+    .venv/bin/python benchmarks/cam_recipes.py --classes 20 --images 800 --data-seeds 0,7 --recipes demo,irn-optimiser
     .venv/bin/python benchmarks/cam_recipes.py --backbone r50 --recipes demo,irn-optimiser --set cam.epochs=4
 
 Results (the rows and every run's numbers) go to runs/bench/cam_recipes.json; the
@@ -47,6 +47,7 @@ RECIPES: dict[str, list[str]] = {
     "irn-optimiser-epochs40": ["cam.lr=1.0", "cam.classifier_lr_mult=0.1", "cam.momentum=0.0", "cam.epochs=40"],
     "epochs20-wd5e-4": ["cam.epochs=20", "cam.weight_decay=0.0005"],
     "dilated-epochs20": ["cam.epochs=20", "cam.dilations=[3,6,9]"],
+    "dilated-epochs30": ["cam.epochs=30", "cam.dilations=[3,6,9]"],
 }
 
 BACKBONES = {
@@ -55,24 +56,28 @@ BACKBONES = {
 }
 
 
-def data_root(seed: int, classes: int) -> Path:
-    """data/demo (seed 0, 5 classes) or data/demo-<classes>c-<seed>, generated when missing."""
-    from wsseg.data.demo import generate_demo
+def data_root(seed: int, classes: int, images: int) -> Path:
+    """data/demo (seed 0, 5 classes, 240 images) or data/demo-<classes>c-<seed>[-<images>], generated when missing."""
+    from wsseg.data.demo import DEFAULT_NUM_IMAGES, generate_demo
 
-    root = REPO / "data" / ("demo" if (seed, classes) == (0, 5) else f"demo-{classes}c-{seed}")
+    if (seed, classes, images) == (0, 5, DEFAULT_NUM_IMAGES):
+        root = REPO / "data" / "demo"
+    else:
+        root = REPO / "data" / (f"demo-{classes}c-{seed}" + ("" if images == DEFAULT_NUM_IMAGES else f"-{images}"))
     if not (root / "config.yaml").is_file():
-        generate_demo(root, seed=seed, num_classes=classes)
+        generate_demo(root, seed=seed, num_classes=classes, num_images=images)
     return root
 
 
-def run_one(recipe: str, backbone: str, data_seed: int, train_seed: int, classes: int, extra: list[str],
+def run_one(recipe: str, backbone: str, data_seed: int, train_seed: int, classes: int, images: int, extra: list[str],
             labels: bool) -> dict:
     from wsseg import pipeline
     from wsseg.config import load_config
     from wsseg.store import RunStore
 
-    root = data_root(data_seed, classes)
-    tag = f"{recipe}-{backbone}-{classes}c-d{data_seed}-t{train_seed}" + ("-" + "-".join(extra).replace("=", "") if extra else "")
+    root = data_root(data_seed, classes, images)
+    tag = (f"{recipe}-{backbone}-{classes}c{'' if images == 240 else f'{images}i'}-d{data_seed}-t{train_seed}"
+           + ("-" + "-".join(extra).replace("=", "") if extra else ""))
     run = REPO / "runs" / "cam-recipes" / tag
     overrides = [*BACKBONES[backbone], *RECIPES[recipe], *extra, f"run.dir={run}", f"run.seed={train_seed}"]
     config = load_config([REPO / "pipelines" / "demo.yaml", root / "config.yaml"], overrides)
@@ -87,9 +92,12 @@ def run_one(recipe: str, backbone: str, data_seed: int, train_seed: int, classes
         "cam_best": cams["best_miou"], "cam_best_threshold": cams["best_threshold"], "cam_relative": cams["miou_relative"],
         "train_seconds": cam_record["seconds"], "seconds_this_call": round(time.monotonic() - started, 1),
     }
+    result["make_cam_seconds_per_image"] = round(store.record("cams")["seconds"] / store.record("cams")["items"]["total"], 3)
     if labels:
+        relations = store.record("relations")["metrics"]
         label_metrics = store.record("labels")["metrics"]
-        result.update(labels_miou=label_metrics["semantic_miou"], ap50=label_metrics["instance_ap50"], pq=label_metrics["pq"])
+        result.update(relation_precision=relations["precision"], relation_coverage=relations["coverage"],
+                      labels_miou=label_metrics["semantic_miou"], ap50=label_metrics["instance_ap50"], pq=label_metrics["pq"])
     return result
 
 
@@ -109,6 +117,7 @@ def main() -> None:
     parser.add_argument("--data-seeds", default="0,7,11")
     parser.add_argument("--train-seeds", default="0")
     parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--images", type=int, default=240, help="demo images (train + val, 3:1)")
     parser.add_argument("--labels", action="store_true", help="run the label pipeline too (mine-relations .. synthesize-labels)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="more overrides for every run")
     args = parser.parse_args()
@@ -121,13 +130,14 @@ def main() -> None:
         raise SystemExit(f"--recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
     data_seeds = [int(s) for s in args.data_seeds.split(",")]
     train_seeds = [int(s) for s in args.train_seeds.split(",")]
-    keys = ["train_map", "val_map", "cam_best", "cam_relative", "train_seconds"] + (["labels_miou", "ap50", "pq"] if args.labels else [])
+    keys = ["train_map", "val_map", "cam_best", "cam_relative", "train_seconds", "make_cam_seconds_per_image"]
+    keys += ["relation_precision", "relation_coverage", "labels_miou", "ap50", "pq"] if args.labels else []
     results, rows = [], {}
     for recipe in recipes:
         runs = []
         for data_seed in data_seeds:
             for train_seed in train_seeds:
-                run = run_one(recipe, args.backbone, data_seed, train_seed, args.classes, args.extra, args.labels)
+                run = run_one(recipe, args.backbone, data_seed, train_seed, args.classes, args.images, args.extra, args.labels)
                 print(json.dumps(run), flush=True)
                 runs.append(run)
         results += runs
@@ -143,7 +153,7 @@ def main() -> None:
         cells = []
         for key in keys:
             mean, low, high = row.get(key, (None, None, None))
-            cells.append("-" if mean is None else (f"{mean:.0f} ({low:.0f}-{high:.0f})" if key.endswith("seconds")
+            cells.append("-" if mean is None else (f"{mean:.0f} ({low:.0f}-{high:.0f})" if key == "train_seconds"
                                                    else f"{mean:.3f} ({low:.3f}-{high:.3f})"))
         print(f"| {recipe} | " + " | ".join(cells) + " |")
 
