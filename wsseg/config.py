@@ -151,6 +151,11 @@ class CamSection:
     advcam_mask_threshold: float = key(0.5, "AdvCAM: regions above this share of the map's max are kept from growing (paper: 0.5)",
                                        low=0.0, high=1.0)
     advcam_regularisation: float = key(7.0, "AdvCAM: weight of the masked L1 term that holds those regions (paper: 7)", low=0.0)
+    context_decoupling: typing.Optional[str] = key(None, "CDA (Su et al., ICCV 2021): a folder of semantic label maps from an "
+                                                         "earlier run (e.g. runs/demo/labels/semantic); objects cut out by them are "
+                                                         "pasted onto training images that lack their class. null = off", neutral=None)
+    context_decoupling_probability: float = key(0.5, "CDA: share of training images that get a pasted object (the released "
+                                                     "code: half of each batch)", low=0.0, high=1.0, neutral=0.5)
     recam: bool = key(False, "ReCAM: extra epochs with a softmax loss on class-specific features")
     recam_epochs: int = key(4, "ReCAM epochs after the BCE training", low=1)
     recam_lr: float = key(0.0005, "ReCAM phase: lr of its new classifier; the backbone and BCE classifier get 0.1x (ReCAM's code)", positive=True)

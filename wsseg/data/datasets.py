@@ -49,20 +49,28 @@ class TaggedImages(_SeededItems):
 
     Item: {"id": str, "image": float32 (3, h, w), "tags": float32 (C,) multi-hot over the
     foreground classes}. `transform(uint8 image, rng) -> float32 (h, w, 3)` augments and
-    normalises (e.g. `transforms.ClassificationAugment`); None only normalises.
+    normalises (e.g. `transforms.ClassificationAugment`); None only normalises. With an
+    `objects` bank (data.objects.ObjectBank), a share `object_probability` of the items first
+    get an object of a class they lack pasted in, and that class in their tags (CDA).
     """
 
-    def __init__(self, voc: VOCDataset, ids: Sequence[str], transform: ImageTransform | None = None, *, seed: int = 0) -> None:
+    def __init__(self, voc: VOCDataset, ids: Sequence[str], transform: ImageTransform | None = None, *, seed: int = 0,
+                 objects=None, object_probability: float = 0.0) -> None:
         super().__init__(ids, seed)
         self.voc = voc
         self.transform = transform
+        self.objects = objects
+        self.object_probability = float(object_probability)
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         image = self.voc.read_image(image_id)
-        image = normalize(image) if self.transform is None else self.transform(image, self._rng(index))
         tags = np.zeros(self.voc.num_classes, dtype=np.float32)
         tags[self.voc.tags(image_id)] = 1.0
+        rng = self._rng(index)
+        if self.objects is not None and rng.random() < self.object_probability:
+            image, tags = self.objects.decouple(image, tags, rng)
+        image = normalize(image) if self.transform is None else self.transform(image, rng)
         return {"id": image_id, "image": _to_chw_tensor(image), "tags": torch.from_numpy(tags)}
 
 

@@ -13,6 +13,7 @@ import torch
 from wsseg.config import Config
 from wsseg.context import StageContext
 from wsseg.data.datasets import TaggedImages
+from wsseg.data.objects import ObjectBank
 from wsseg.data.transforms import ClassificationAugment, normalize
 from wsseg.metrics import classification_average_precision
 from wsseg.models.backbones import ResNet, load_weights
@@ -50,7 +51,13 @@ def run(ctx: StageContext) -> dict:
     seed_everything(config.run.seed)
     dataset = open_dataset(config)
     ids = image_ids(config, "data.train_list")
-    images = TaggedImages(dataset, ids, ClassificationAugment(resize_long=cam.resize_long, crop_size=cam.crop), seed=config.run.seed)
+    objects = None
+    if cam.context_decoupling:
+        objects = ObjectBank.from_labels(dataset, ids, cam.context_decoupling)
+        ctx.log.info("train-cam: context decoupling with %d objects cut out of %s", sum(objects.counts()),
+                     cam.context_decoupling)
+    images = TaggedImages(dataset, ids, ClassificationAugment(resize_long=cam.resize_long, crop_size=cam.crop),
+                          seed=config.run.seed, objects=objects, object_probability=cam.context_decoupling_probability)
     model = build_network(config)
     folder = ctx.folder("cam")
 
@@ -92,6 +99,8 @@ def run(ctx: StageContext) -> dict:
 
     model = model.cpu().eval()
     metrics: dict = {"train_images": len(ids), "images_per_second": round(result.images_per_second, 2)}
+    if objects is not None:
+        metrics["context_decoupling_objects"] = dict(zip(config.data.classes, objects.counts()))
     if ctx.dist.is_main:
         save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "classes": list(config.data.classes),
                                          "recam": cam.recam, "depth": config.backbone.depth, "width": config.backbone.width})
