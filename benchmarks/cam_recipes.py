@@ -12,6 +12,8 @@ reruns only what is new.
     .venv/bin/python benchmarks/cam_recipes.py --recipes demo,irn-optimiser --data-seeds 0,7,11
     .venv/bin/python benchmarks/cam_recipes.py --classes 20 --images 800 --data-seeds 0,7 --recipes demo,irn-optimiser
     .venv/bin/python benchmarks/cam_recipes.py --backbone r50 --recipes demo,irn-optimiser --set cam.epochs=4
+    .venv/bin/python benchmarks/cam_recipes.py --labels --recipes epochs30 --data-seeds 0,7,11 \
+        --set cam.context_decoupling=runs/cam-recipes/epochs30-r18q-5c-d{data_seed}-t0/labels/semantic
 
 Results (the rows and every run's numbers) go to runs/bench/cam_recipes.json; the
 recipes chosen for the defaults and their numbers are in docs/models/cam.md.
@@ -76,8 +78,9 @@ def run_one(recipe: str, backbone: str, data_seed: int, train_seed: int, classes
     from wsseg.store import RunStore
 
     root = data_root(data_seed, classes, images)
+    extra = [item.format(data_seed=data_seed, train_seed=train_seed) for item in extra]  # e.g. another run's labels
     tag = (f"{recipe}-{backbone}-{classes}c{'' if images == 240 else f'{images}i'}-d{data_seed}-t{train_seed}"
-           + ("-" + "-".join(extra).replace("=", "") if extra else ""))
+           + ("-" + "-".join(extra).replace("=", "").replace("/", "_") if extra else ""))
     run = REPO / "runs" / "cam-recipes" / tag
     overrides = [*BACKBONES[backbone], *RECIPES[recipe], *extra, f"run.dir={run}", f"run.seed={train_seed}"]
     config = load_config([REPO / "pipelines" / "demo.yaml", root / "config.yaml"], overrides)
@@ -119,7 +122,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--images", type=int, default=240, help="demo images (train + val, 3:1)")
     parser.add_argument("--labels", action="store_true", help="run the label pipeline too (mine-relations .. synthesize-labels)")
-    parser.add_argument("--set", dest="extra", action="append", default=[], help="more overrides for every run")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        help="more overrides for every run; {data_seed} and {train_seed} are filled in")
     args = parser.parse_args()
     import torch
 
