@@ -144,6 +144,11 @@ class CamSection:
     dilations: tuple[int, ...] = key((), "multi-dilated CAM (Wei et al., CVPR 2018): 3x3 classification heads with these "
                                          "dilations beside the 1x1 one, e.g. [3, 6, 9]; the CAM adds their mean map. [] = IRN's head",
                                      low=1, neutral=())
+    fickle_window: int = key(0, "FickleNet (Lee et al., CVPR 2019): classify each position from this k x k window of "
+                                "features with random hidden units dropped (the paper: 9); 0 = IRN's 1x1 head", low=0, neutral=0)
+    fickle_dropout: float = key(0.9, "FickleNet: share of a window's hidden units dropped, the centre never (paper: 0.9)",
+                                low=0.0, high=0.99, neutral=0.9)
+    fickle_samples: int = key(200, "FickleNet in make-cam: random selections whose maps' union is the CAM (paper: 200)", low=1)
     advcam: bool = key(False, "AdvCAM (Lee et al., CVPR 2021) in make-cam: CAMs accumulated over anti-adversarial steps "
                               "on the image; no retraining, ~advcam_steps forward+backward passes per scale and class", neutral=False)
     advcam_steps: int = key(27, "AdvCAM: manipulation steps per scale and class (the paper's VOC setting: 27)", low=1)
@@ -523,8 +528,11 @@ def _check_consistency(config: Config) -> None:
         raise UserError(f"cam.train_stages: {list(cam.train_stages)}; stages are stem, layer1, layer2, layer3, layer4")
     if not cam.scales:
         raise UserError("cam.scales: give at least one scale, e.g. [1.0]")
-    if cam.recam and cam.dilations:
-        raise UserError("cam.recam and cam.dilations do not combine (ReCAM re-weights the 1x1 head only); choose one")
+    if sum((cam.recam, bool(cam.dilations), cam.fickle_window > 0)) > 1:
+        raise UserError("cam.recam, cam.dilations and cam.fickle_window do not combine (each replaces or re-weights "
+                        "the classification head); choose one")
+    if cam.fickle_window and cam.fickle_window % 2 == 0:
+        raise UserError(f"cam.fickle_window: {cam.fickle_window} must be odd (a window centred on its position)")
     if config.relations.conf_bg > config.relations.conf_fg:
         raise UserError(
             f"relations.conf_bg ({config.relations.conf_bg}) must not exceed relations.conf_fg "

@@ -399,3 +399,54 @@ def test_the_climb_raises_the_class_against_the_others_and_grows_its_map():
             start = net.class_maps(net.backbone(pair)["layer4"])
         first = start[0, key] + start[1, key].flip(-1)
         assert summed.sum() > 8 * first.sum()  # the later steps' maps add more than the first
+
+
+# ---------------------------------------------------------------- FickleNet
+
+
+def tiny_fickle_net(dropout: float = 0.9, window: int = 3) -> CAMNet:
+    torch.manual_seed(0)
+    net = CAMNet(ResNet(18, width=0.25, strides=(1, 2, 2, 1)), NUM_CLASSES, fickle_window=window, fickle_dropout=dropout)
+    with torch.no_grad():
+        net.fickle.weight.abs_()
+    return net.eval()
+
+
+def test_fickle_head_without_dropout_is_a_kxk_convolution_and_with_it_unbiased():
+    from wsseg.models.cam import FickleHead
+
+    torch.manual_seed(1)
+    head = FickleHead(8, 3, window=5, dropout=0.5)
+    features = torch.randn(2, 8, 6, 7)
+    plain = head(features, stochastic=False)
+    torch.testing.assert_close(plain, F.conv2d(features, head.weight, padding=2))
+    # the expectation of the stochastic scores is the plain one (kept units scaled by 1/(1-p))
+    generator = torch.Generator().manual_seed(0)
+    mean = sum(head(features, stochastic=True, generator=generator) for _ in range(400)) / 400
+    assert (mean - plain).abs().mean() < 0.1 * plain.abs().mean()
+    # the centre is never dropped: a window of 1 is deterministic whatever the dropout
+    centre_only = FickleHead(8, 3, window=1, dropout=0.9)
+    torch.testing.assert_close(centre_only(features, stochastic=True), centre_only(features, stochastic=False))
+
+
+def test_fickle_net_trains_stochastically_and_its_maps_are_the_union_of_selections():
+    net = tiny_fickle_net()
+    x = torch.randn(2, 3, 64, 64)
+    net.train()
+    assert not torch.equal(net(x), net(x))  # dropout in training
+    net.eval()
+    torch.testing.assert_close(net(x), net(x))  # deterministic in eval
+    with torch.no_grad():
+        features = net.backbone(x)["layer4"]
+        generator = torch.Generator().manual_seed(3)
+        union = net.class_maps(features, samples=20, generator=generator)
+        generator.manual_seed(3)
+        draws = [F.relu(net.fickle(features, stochastic=True, generator=generator)) for _ in range(20)]
+    torch.testing.assert_close(union, torch.stack(draws).amax(dim=0))
+    assert (union >= F.relu(net.fickle(features, stochastic=False)) * 0.5).float().mean() > 0.5  # unions are wide
+    backbone_params, heads = net.param_groups()
+    assert heads == [net.fickle.weight] and not net.classifier.weight.requires_grad
+    # multi-scale inference with sampling matches the reference that calls the same maps
+    image, keys = torch.randn(3, 61, 70), torch.tensor([2, 0])
+    cam, high = multiscale_cams(net, image, keys, scales=(1.0,), samples=4, generator=torch.Generator().manual_seed(0))
+    assert cam.shape == (2, 16, 18) and high.shape == (2, 61, 70) and cam.max() > 0

@@ -41,6 +41,48 @@ _MAX_EPS = 1e-5
 CPU_PAIR_MAX_PIXELS = 250_000
 
 
+class FickleHead(nn.Module):
+    """FickleNet's classifier (Lee et al., CVPR 2019): each position is classified from the k x k
+    window of features around it, with hidden units of the window dropped at random, the
+    centre never. Trained with the dropout on; at inference many random selections give many
+    maps, whose union (per-pixel max) is the localisation map.
+
+    Written as a k x k bias-free convolution whose input is masked afresh for every output
+    position and window offset, one offset at a time (no k^2-times expanded feature map); kept
+    units are scaled by 1 / (1 - dropout) as in ordinary dropout. Without dropout it is the
+    plain k x k convolution.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, window: int = 9, dropout: float = 0.9) -> None:
+        super().__init__()
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"FickleNet's window must be odd and positive, got {window}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"FickleNet's dropout must lie in [0, 1), got {dropout}")
+        self.window, self.dropout = window, dropout
+        self.weight = nn.Parameter(torch.empty(num_classes, in_channels, window, window))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # PyTorch's default conv init
+
+    def forward(self, features: Tensor, keys: Tensor | None = None, *, stochastic: bool,
+                generator: torch.Generator | None = None) -> Tensor:
+        """features (B, D, h, w) -> class scores (B, K, h, w) (pre-ReLU) of the classes `keys` (all if None)."""
+        weight = (self.weight if keys is None else self.weight[keys]).to(features.dtype)
+        if not stochastic or self.dropout == 0.0:
+            return F.conv2d(features, weight, padding=self.window // 2)
+        pad, (height, width) = self.window // 2, features.shape[-2:]
+        padded = F.pad(features, (pad, pad, pad, pad))
+        keep = 1.0 - self.dropout
+        scores = features.new_zeros((features.shape[0], weight.shape[0], height, width))
+        for dy in range(self.window):
+            for dx in range(self.window):
+                shifted = padded[:, :, dy : dy + height, dx : dx + width]
+                if (dy, dx) != (pad, pad):  # the centre is never dropped
+                    mask = torch.rand(shifted.shape, generator=generator, device=shifted.device) < keep
+                    shifted = shifted * mask / keep
+                scores = scores + F.conv2d(shifted, weight[:, :, dy : dy + 1, dx : dx + 1])
+        return scores
+
+
 class CAMNet(nn.Module):
     """ResNet + GAP + 1x1 classifier (no bias); optionally ReCAM's second classifier.
 
@@ -53,17 +95,21 @@ class CAMNet(nn.Module):
     """
 
     def __init__(self, backbone: ResNet, num_classes: int, *, recam: bool = False,
-                 dilations: Sequence[int] = ()) -> None:
+                 dilations: Sequence[int] = (), fickle_window: int = 0, fickle_dropout: float = 0.9) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.recam = recam
         self.dilations = tuple(int(d) for d in dilations)
-        if recam and self.dilations:
-            raise ValueError("ReCAM and multi-dilated heads do not combine: choose one")
+        if sum((recam, bool(self.dilations), fickle_window > 0)) > 1:
+            raise ValueError("ReCAM, multi-dilated heads and FickleNet do not combine: choose one")
         features = backbone.channels["layer4"]
+        # FickleNet replaces the 1x1 classifier's role: its k x k stochastic head classifies
+        self.fickle = FickleHead(features, num_classes, window=fickle_window, dropout=fickle_dropout) if fickle_window else None
         # PyTorch's default conv init, as in IRN (only the backbone gets kaiming init).
         self.classifier = nn.Conv2d(features, num_classes, 1, bias=False)
+        if self.fickle is not None:
+            self.classifier.requires_grad_(False)  # unused: kept out of the optimiser and of DDP's reduction
         self.recam_classifier = nn.Conv2d(features, num_classes, 1, bias=False) if recam else None
         # Multi-dilated CAM (Wei et al., CVPR 2018): 3x3 classification heads of larger dilation
         # beside the 1x1 one; each is trained with its own loss, and the map adds their mean.
@@ -83,6 +129,9 @@ class CAMNet(nn.Module):
         the CAM and its max). Use them with recam_loss().
         """
         features = self.backbone(x)["layer4"]
+        if self.fickle is not None:  # dropout on in training only: eval() gives the deterministic scores
+            logits = self.fickle(features, stochastic=self.training).mean(dim=(2, 3))
+            return logits[:, None] if branches else logits
         logits = self.classifier(features.mean(dim=(2, 3), keepdim=True)).flatten(1)
         if self.dilations:
             heads = [logits] + [head(features).mean(dim=(2, 3)) for head in self.dilated]
@@ -117,11 +166,20 @@ class CAMNet(nn.Module):
         return self.classifier.weight * self.recam_classifier.weight
 
     def class_maps(self, features: Tensor, keys: Tensor | None = None, *, recam: bool | None = None,
-                   dilated: bool = True) -> Tensor:
+                   dilated: bool = True, samples: int = 0, generator: torch.Generator | None = None) -> Tensor:
         """layer4 features (B, D, h, w) -> CAMs (B, K, h, w) >= 0 of the classes `keys` (all if None).
 
         The 1x1 head's ReLU'd map (ReCAM's when `recam`, see cam_weight); with dilated heads
-        (and `dilated`), plus the mean of their ReLU'd maps (Wei et al.'s H = H_1 + mean(H_3, H_6, H_9))."""
+        (and `dilated`), plus the mean of their ReLU'd maps (Wei et al.'s H = H_1 + mean(H_3, H_6, H_9)).
+        A FickleNet model: its head's ReLU'd scores without dropout, or with `samples` > 0 the
+        per-pixel maximum over that many random selections (FickleNet's union of maps)."""
+        if self.fickle is not None:
+            if samples <= 0:
+                return F.relu(self.fickle(features, keys, stochastic=False))
+            maps = F.relu(self.fickle(features, keys, stochastic=True, generator=generator))
+            for _ in range(samples - 1):
+                maps = torch.maximum(maps, F.relu(self.fickle(features, keys, stochastic=True, generator=generator)))
+            return maps
         weight = self.cam_weight(recam=recam)
         weight = (weight if keys is None else weight[keys]).to(features.dtype)
         maps = F.relu(F.conv2d(features, weight))
@@ -145,8 +203,9 @@ class CAMNet(nn.Module):
         full rate: take `model.recam_classifier.weight` out of the second list for that.
         """
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        heads = [p for p in self.classifier.parameters() if p.requires_grad]
+        heads = [p for p in self.classifier.parameters() if p.requires_grad] if self.fickle is None else []
         heads += [p for p in self.dilated.parameters() if p.requires_grad]
+        heads += [p for p in self.fickle.parameters() if p.requires_grad] if self.fickle is not None else []
         if self.recam_classifier is not None:
             heads += [p for p in self.recam_classifier.parameters() if p.requires_grad]
         return backbone, heads
@@ -200,7 +259,8 @@ def inference_network(model: CAMNet, *, channels_last: bool) -> CAMNet:
 
 def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                     scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), *,
-                    recam: bool | None = None, dilated: bool = True,
+                    recam: bool | None = None, dilated: bool = True, samples: int = 0,
+                    generator: torch.Generator | None = None,
                     amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """IRN's make_cam for one image: multi-scale, flip-summed, max-normalised CAMs.
 
@@ -212,6 +272,8 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
         scales: image scales (IRN: 1.0, 0.5, 1.5, 2.0).
         recam: None follows the model; see CAMNet.cam_weight.
         dilated: False leaves a multi-dilated model's dilated heads out (its plain 1x1 map).
+        samples, generator: a FickleNet model's stochastic inference (see CAMNet.class_maps); each
+            of the image and its flip draws its own selections.
         amp_dtype: run the backbone under torch.autocast with this dtype (e.g.
             torch.bfloat16 on CUDA); the sums are float32.
 
@@ -258,7 +320,8 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                     else:
                         features = torch.cat([model.backbone(scaled)["layer4"],
                                               model.backbone(scaled.flip(-1))["layer4"]])
-                maps = model.class_maps(features.float(), keys, recam=recam, dilated=dilated)
+                maps = model.class_maps(features.float(), keys, recam=recam, dilated=dilated, samples=samples,
+                                        generator=generator)
                 summed = (maps[0] + maps[1].flip(-1))[None]
                 cam += F.interpolate(summed, size=small_size, mode="bilinear", align_corners=False)[0]
                 high_res += F.interpolate(summed, size=padded_size, mode="bilinear", align_corners=False)[0]

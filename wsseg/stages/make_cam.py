@@ -9,6 +9,7 @@ the relative level and the best of `cam.sweep`).
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,9 @@ def run(ctx: StageContext) -> dict:
     channels_last = ctx.device.type == "cpu" or config.run.channels_last
     network = load_network(config, ctx.store).to(ctx.device)
     model = inference_network(network, channels_last=channels_last)
-    method = config.cam.advcam or bool(config.cam.dilations)  # a CAM method: keep the plain CAM beside its map
+    # a CAM method: keep the plain CAM beside its map
+    method = config.cam.advcam or bool(config.cam.dilations) or config.cam.fickle_window > 0
+    samples = config.cam.fickle_samples if config.cam.fickle_window else 0
     folder = ctx.folder("cams")
 
     def work(image_id: str) -> None:
@@ -50,7 +53,10 @@ def run(ctx: StageContext) -> dict:
                                         mask_threshold=config.cam.advcam_mask_threshold,
                                         regularisation=config.cam.advcam_regularisation)
         else:
-            cam, high_res = multiscale_cams(model, image, keys, config.cam.scales, amp_dtype=ctx.amp_dtype)
+            # FickleNet's random selections are drawn per image from (seed, image id): resumable and repeatable
+            generator = torch.Generator(ctx.device).manual_seed(zlib.crc32(f"{config.run.seed}:{image_id}".encode()))
+            cam, high_res = multiscale_cams(model, image, keys, config.cam.scales, samples=samples, generator=generator,
+                                            amp_dtype=ctx.amp_dtype)
         plain = None
         if method:
             plain = multiscale_cams(model, image, keys, config.cam.scales, dilated=False, amp_dtype=ctx.amp_dtype)[1]
@@ -183,6 +189,7 @@ def inspect_tiles(view) -> list[np.ndarray]:
     if cams is None:
         return []
     method = "+".join(name for name, on in (("multi-dilated", bool(view.config.cam.dilations)),
+                                            ("FickleNet", view.config.cam.fickle_window > 0),
                                             ("AdvCAM", view.config.cam.advcam)) if on)
     tiles = []
     for channel, key in enumerate(cams["keys"]):
@@ -212,7 +219,8 @@ STAGE = Stage(
     # AdvCAM's settings change the CAMs only when it is on
     reads=lambda config: ("data.root", "data.classes", "data.label_list", "data.eval_list", "data.cls_labels", "cam.scales",
                           *(("cam.advcam", "cam.advcam_steps", "cam.advcam_step_size", "cam.advcam_mask_threshold",
-                             "cam.advcam_regularisation") if config.cam.advcam else ())),
+                             "cam.advcam_regularisation") if config.cam.advcam else ()),
+                          *(("run.seed", "cam.fickle_samples") if config.cam.fickle_window else ())),
     headline="miou",
     quality=quality,
     evaluators={"cams": evaluate},

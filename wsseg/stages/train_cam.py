@@ -35,7 +35,8 @@ def build_network(config: Config, *, load_pretrained: bool = True) -> CAMNet:
                       frozen_bn=config.cam.frozen_bn, trainable=config.cam.train_stages)
     if load_pretrained:
         load_weights(backbone, config.backbone.weights)
-    return CAMNet(backbone, len(config.data.classes), recam=config.cam.recam, dilations=config.cam.dilations)
+    return CAMNet(backbone, len(config.data.classes), recam=config.cam.recam, dilations=config.cam.dilations,
+                  fickle_window=config.cam.fickle_window, fickle_dropout=config.cam.fickle_dropout)
 
 
 def load_network(config: Config, store: RunStore) -> CAMNet:
@@ -140,7 +141,8 @@ STAGE = Stage(
     run=run,
     outputs=("cam",),
     reads=("run.seed", "data.root", "data.classes", "data.train_list", "data.cls_labels", "backbone", "cam",
-           "-cam.scales", "-cam.eval_threshold", "-cam.sweep", "-cam.threshold_mode", "-cam.advcam", "-cam.advcam_steps",
+           "-cam.scales", "-cam.eval_threshold", "-cam.sweep", "-cam.threshold_mode", "-cam.fickle_samples", "-cam.advcam",
+           "-cam.advcam_steps",
            "-cam.advcam_step_size", "-cam.advcam_mask_threshold", "-cam.advcam_regularisation"),
     headline="val_map",
     quality=quality,
