@@ -257,6 +257,47 @@ def inference_network(model: CAMNet, *, channels_last: bool) -> CAMNet:
     return prepared.eval()
 
 
+class _ScaleSum:
+    """IRN's make_cam bookkeeping for one image (3, H, W): per-scale maps added at stride 4
+    (`cam`, ceil(H/4) x ceil(W/4)) and at the size padded to a multiple of 16 (`high_res`),
+    then cropped to H x W and divided by their max."""
+
+    def __init__(self, image: Tensor, num_keys: int) -> None:
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+        self.image = image
+        self.height, self.width = image.shape[1:]
+        self.small_size = (math.ceil(self.height / 4), math.ceil(self.width / 4))
+        self.padded_size = (math.ceil(self.height / 16) * 16, math.ceil(self.width / 16) * 16)
+        self.cam = torch.zeros((num_keys, *self.small_size), device=image.device)
+        self.high_res = torch.zeros((num_keys, *self.padded_size), device=image.device)
+
+    def scaled(self, scale: float) -> tuple[Tensor, tuple[int, int]]:
+        """The image (1, 3, h, w) at `scale` (bicubic with antialiasing, like IRN's PIL resize) and its size."""
+        size = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
+        scaled = self.image[None].float()
+        if size != (self.height, self.width):
+            scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False, antialias=True)
+        return scaled, size
+
+    def add(self, summed: Tensor, index: int | None = None) -> None:
+        """Add one scale's flip-summed maps (K, h, w), or one class's (h, w) map at `index`."""
+        batch = summed[None] if index is None else summed[None, None]
+        small = F.interpolate(batch, size=self.small_size, mode="bilinear", align_corners=False)[0]
+        high = F.interpolate(batch, size=self.padded_size, mode="bilinear", align_corners=False)[0]
+        if index is None:
+            self.cam += small
+            self.high_res += high
+        else:
+            self.cam[index] += small[0]
+            self.high_res[index] += high[0]
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        high_res = self.high_res[:, : self.height, : self.width]
+        cam = self.cam / (self.cam.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
+        return cam, high_res / (high_res.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
+
+
 def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                     scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), *,
                     recam: bool | None = None, dilated: bool = True, samples: int = 0,
@@ -289,29 +330,17 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
         ceil(H/4) x ceil(W/4); `high_res` sums them resized to
         (ceil(H/16)*16, ceil(W/16)*16) and crops to H x W.
     """
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-    height, width = image.shape[1:]
     device = image.device
-    small_size = (math.ceil(height / 4), math.ceil(width / 4))
-    padded_size = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
     keys = keys.to(device=device, dtype=torch.long)
-    if keys.numel() == 0:
-        return (torch.zeros((0, *small_size), device=device),
-                torch.zeros((0, height, width), device=device))
-
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            cam = torch.zeros((keys.numel(), *small_size), device=device)
-            high_res = torch.zeros((keys.numel(), *padded_size), device=device)
+            total = _ScaleSum(image, keys.numel())
+            if keys.numel() == 0:
+                return total.result()
             for scale in scales:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                scaled = image[None].float()
-                if size != (height, width):
-                    scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False,
-                                           antialias=True)
+                scaled, size = total.scaled(scale)
                 autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                             else contextlib.nullcontext())
                 with autocast:
@@ -322,12 +351,8 @@ def multiscale_cams(model: CAMNet, image: Tensor, keys: Tensor,
                                               model.backbone(scaled.flip(-1))["layer4"]])
                 maps = model.class_maps(features.float(), keys, recam=recam, dilated=dilated, samples=samples,
                                         generator=generator)
-                summed = (maps[0] + maps[1].flip(-1))[None]
-                cam += F.interpolate(summed, size=small_size, mode="bilinear", align_corners=False)[0]
-                high_res += F.interpolate(summed, size=padded_size, mode="bilinear", align_corners=False)[0]
-            high_res = high_res[:, :height, :width]
-            cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
-            high_res = high_res / (high_res.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
+                total.add(maps[0] + maps[1].flip(-1))
+            cam, high_res = total.result()
     finally:
         model.train(was_training)
     # Clones outside inference mode are ordinary tensors the caller may edit in place.
@@ -352,17 +377,10 @@ def advcam_maps(model: CAMNet, image: Tensor, keys: Tensor, scales: Sequence[flo
     high_res). The model's own parameters get no gradient. Cost: about `steps` forward and
     backward passes of a batch of 2 per scale and class.
     """
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-    height, width = image.shape[1:]
-    device = image.device
-    small_size = (math.ceil(height / 4), math.ceil(width / 4))
-    padded_size = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
-    keys = keys.to(device=device, dtype=torch.long)
-    cam = torch.zeros((keys.numel(), *small_size), device=device)
-    high_res = torch.zeros((keys.numel(), *padded_size), device=device)
+    total = _ScaleSum(image, keys.numel())
+    keys = keys.to(device=image.device, dtype=torch.long)
     if keys.numel() == 0:
-        return cam, high_res[:, :height, :width]
+        return total.result()
     was_training = model.training
     model.eval()
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -371,25 +389,18 @@ def advcam_maps(model: CAMNet, image: Tensor, keys: Tensor, scales: Sequence[flo
     try:
         with torch.enable_grad():
             for scale in scales:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                scaled = image[None].float()
-                if size != (height, width):
-                    scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False, antialias=True)
+                scaled, _ = total.scaled(scale)
                 pair = torch.cat([scaled, scaled.flip(-1)]).detach()
                 scale_steps = steps // 2 if scale < 1 and steps > 10 else steps
                 for index, key in enumerate(keys.tolist()):
                     summed, _ = anti_adversarial_climb(model, pair, key, scale_steps, step_size=step_size,
                                                        mask_threshold=mask_threshold, regularisation=regularisation)
-                    summed = summed[None, None]
-                    cam[index] += F.interpolate(summed, size=small_size, mode="bilinear", align_corners=False)[0, 0]
-                    high_res[index] += F.interpolate(summed, size=padded_size, mode="bilinear", align_corners=False)[0, 0]
+                    total.add(summed, index)
     finally:
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
-    high_res = high_res[:, :height, :width]
-    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
-    high_res = high_res / (high_res.amax(dim=(1, 2), keepdim=True) + _MAX_EPS)
+    cam, high_res = total.result()
     return cam.detach(), high_res.detach()
 
 
