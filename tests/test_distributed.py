@@ -257,3 +257,26 @@ def test_live_bn_torchrun_is_close_to_one_process(live_bn):
     one, two = record(live_bn["single"], "cam")["curves"], record(live_bn["dist"], "cam")["curves"]
     assert len(one["bce_total"]) == len(two["bce_total"]) == 2
     assert np.allclose(one["bce_total"], two["bce_total"], rtol=0, atol=0.06), (one, two)
+
+
+@pytest.mark.parametrize("method", [("cam.advcam=true", "cam.advcam_steps=2"),
+                                    ("cam.fickle_window=3", "cam.fickle_samples=3", "cam.epochs=1")])
+def test_per_image_cam_methods_split_across_processes_give_the_files_of_one(data, live_bn, method):
+    """AdvCAM's image steps and FickleNet's random selections run per image under torchrun, each
+    image on one rank, with the CAM files of a single process (FickleNet draws from (seed, id))."""
+    base = data.parent / ("advcam" if "cam.advcam=true" in method else "fickle")
+    runs = {processes: base / f"run{processes}" for processes in (1, 2)}
+    base.mkdir()
+    for processes, run in runs.items():
+        if method[0] == "cam.advcam=true":
+            shutil.copytree(live_bn["single"], run)  # the trained network: AdvCAM needs no training
+        else:
+            wsseg("train-cam", data, run, *method)
+        wsseg("make-cam", data, run, *method, processes=processes)
+    names = sorted(p.name for p in (runs[1] / "cams").glob("*.npz"))
+    assert names == sorted(f"{i}.npz" for i in _ids(data))
+    for name in names:
+        with np.load(runs[1] / "cams" / name) as a, np.load(runs[2] / "cams" / name) as b:
+            assert sorted(a.files) == sorted(b.files) == ["cam", "high_res", "keys", "plain"]
+            for key in a.files:
+                assert np.array_equal(a[key], b[key]), f"{name}: {key} differs between 1 and 2 processes"
