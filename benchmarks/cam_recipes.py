@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 # name -> overrides on pipelines/demo.yaml (whose cam section is the current from-scratch recipe)
 RECIPES: dict[str, list[str]] = {
-    "demo": [],  # SGD lr 0.1, momentum 0.9, classifier x0.1, wd 1e-4, 12 epochs
+    "demo": [],  # pipelines/demo.yaml as it is: SGD lr 0.1, momentum 0.9, classifier x0.1, wd 1e-4, 30 epochs
+    "epochs12": ["cam.epochs=12"],  # the demo recipe before this study
     "irn-optimiser": ["cam.lr=1.0", "cam.classifier_lr_mult=0.1", "cam.momentum=0.0"],
     "irn-optimiser-wd5e-4": ["cam.lr=1.0", "cam.classifier_lr_mult=0.1", "cam.momentum=0.0", "cam.weight_decay=0.0005"],
     "lr0.05-cls1": ["cam.lr=0.05", "cam.classifier_lr_mult=1.0"],
@@ -52,6 +53,7 @@ RECIPES: dict[str, list[str]] = {
     "dilated-epochs30": ["cam.epochs=30", "cam.dilations=[3,6,9]"],
     # the paper's 9x9 window is a quarter of its 41x41 map; the demo's map is 8x8
     "fickle3-epochs30": ["cam.epochs=30", "cam.fickle_window=3"],
+    "recam-epochs30": ["cam.epochs=30", "cam.recam=true"],
 }
 
 BACKBONES = {

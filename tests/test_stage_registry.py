@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import fake_stages
 from wsseg import pipeline
 from wsseg.cli import cli
+from wsseg.errors import UserError
 from wsseg.stage import Stage, check_stages, fmt
 from wsseg.store import atomic_path, read_json
 
@@ -72,9 +73,55 @@ def test_a_registered_stage_gets_its_command_status_report_and_eval(with_count_s
 
 def test_the_shipped_pipeline_is_consistent():
     check_stages(pipeline.STAGES)
-    assert [s.name for s in pipeline.STAGES] == ["train-cam", "make-cam", "mine-relations", "train-irn",
-                                                 "synthesize-labels", "train-segmenter"]
-    assert pipeline.evaluation_names() == ["cams", "relations", "semantic", "instance", "panoptic", "segmenter"]
+    assert [s.name for s in pipeline.STAGES] == ["train-cam", "make-cam", "train-amn", "make-amn-cam", "mine-relations",
+                                                 "train-irn", "synthesize-labels", "train-segmenter"]
+    assert pipeline.evaluation_names() == ["cams", "amn-cams", "relations", "semantic", "instance", "panoptic", "segmenter"]
+    from wsseg.config import Config
+
+    for stage in pipeline.STAGES:  # a switch is a boolean key, off by default
+        if stage.switch is not None:
+            assert Config().get(stage.switch) is False, stage.name
+
+
+def _run_extra(ctx):
+    with atomic_path(ctx.folder("extra") / "extra.txt") as tmp:
+        tmp.write_text("extra")
+    return {"metrics": {"extra": 1.0}}
+
+
+EXTRA = Stage(name="extra", help="An optional stage.", run=_run_extra, outputs=("extra",), needs=("first",),
+              switch="cam.amn")
+# `last` as it would be declared once `extra` exists: it reads extra's output when that is on
+LAST_WITH_EXTRA = Stage(name="last", help="reads both", run=fake_stages.LAST.run, outputs=("last",),
+                        needs=("first", "extra", "items"), reads=("labels.beta",))
+
+
+def test_a_switched_off_stage_is_passed_by_and_does_not_touch_its_readers(monkeypatch, tmp_path):
+    """An optional stage that is off: run-all skips it, its readers' fingerprints are what they
+    were before it existed, its own command refuses with the key to set; on, it runs and its
+    readers are rerun after it."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run:\n  dir: {tmp_path / 'run'}\n  device: cpu\n")
+    monkeypatch.setattr(pipeline, "STAGES", fake_stages.STAGES)  # the pipeline before `extra` existed
+    invoke("run-all", "--config", str(config))
+    record_before = read_json(tmp_path / "run" / "last" / "stage.json")
+
+    monkeypatch.setattr(pipeline, "STAGES", (fake_stages.FIRST, EXTRA, fake_stages.ITEMS, LAST_WITH_EXTRA))
+    table = invoke("status", "--config", str(config))
+    assert "extra  off (cam.amn is false)" in table and "last   done" in table
+    invoke("run-all", "--config", str(config))
+    assert read_json(tmp_path / "run" / "last" / "stage.json")["token"] == record_before["token"]  # not rerun
+    assert not (tmp_path / "run" / "extra").exists()
+    result = CliRunner().invoke(cli, ["extra", "--config", str(config)])
+    assert isinstance(result.exception, UserError)  # `wsseg` prints it as one line and exits 2
+    assert "extra is off: it runs when cam.amn is true" in str(result.exception)
+
+    invoke("run-all", "--config", str(config), "--set", "cam.amn=true")
+    assert (tmp_path / "run" / "extra" / "extra.txt").read_text() == "extra"
+    after = read_json(tmp_path / "run" / "last" / "stage.json")
+    assert after["token"] != record_before["token"] and set(after["needs"]) == {"first", "extra", "items"}
+    assert "| extra |" in invoke("report", "--config", str(config), "--set", "cam.amn=true").replace("  ", "")
+    assert "| extra |" not in invoke("report", "--config", str(config)).replace("  ", "")
 
 
 def test_a_broken_list_is_refused():

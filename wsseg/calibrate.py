@@ -102,7 +102,7 @@ def measure(config: Config, store: RunStore, ids: list[str], grid: Grid, *, sema
     base_power = cam_power(config, store)
     acc = Accumulator()
     for image_id in (progress(ids, desc="calibrate") if progress else ids):
-        cams = artifacts.read_cams(artifacts.cam_path(store, image_id))
+        cams = artifacts.read_cams(artifacts.seed_path(config, store, image_id))
         if cams is None:
             continue
         image, truth = dataset.read_image(image_id), dataset.read_semantic(image_id)
@@ -177,7 +177,7 @@ def calibrate(config: Config, *, images: int = 100, metric: str = "both", holdou
             raise UserError(f"calibrate reuses the trained networks and CAMs: run `wsseg run-all --to {stage.name}` first")
     dataset = artifacts.open_dataset(config)
     ids = [i for i in artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.eval_list"))
-           if artifacts.cam_path(store, i).exists()]
+           if artifacts.seed_path(config, store, i).exists()]
     if len(ids) < 2:
         raise UserError("calibrate needs ground-truth masks for at least 2 images of data.eval_list")
     subset, rest = split_images(ids, images, config.run.seed)

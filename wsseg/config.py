@@ -161,6 +161,9 @@ class CamSection:
                                                          "pasted onto training images that lack their class. null = off", neutral=None)
     context_decoupling_probability: float = key(0.5, "CDA: share of training images that get a pasted object (the released "
                                                      "code: half of each batch)", low=0.0, high=1.0, neutral=0.5)
+    amn: bool = key(False, "AMN (Lee et al., CVPR 2022): train-amn learns a per-pixel classifier on the CAMs' confident "
+                           "regions and make-amn-cam's maps replace the CAMs downstream (settings in the amn section)",
+                    neutral=False)
     recam: bool = key(False, "ReCAM: extra epochs with a softmax loss on class-specific features")
     recam_epochs: int = key(4, "ReCAM epochs after the BCE training", low=1)
     recam_lr: float = key(0.0005, "ReCAM phase: lr of its new classifier; the backbone and BCE classifier get 0.1x (ReCAM's code)", positive=True)
@@ -178,6 +181,24 @@ class RelationsSection:
     crf_bilateral_srgb: float = key(5.0, "DenseCRF bilateral colour width", positive=True)
     crf_bilateral_compat: float = key(10.0, "DenseCRF bilateral kernel weight", low=0.0)
     crf_iterations: int = key(10, "mean-field iterations", low=1)
+
+
+@dataclass(frozen=True)
+class AmnSection:
+    """AMN's network and recipe (gaviotas/AMN's run_sample.py and train_amn.py); used when cam.amn is true."""
+    epochs: int = key(5, "training epochs (AMN: 5)", low=1)
+    batch_size: int = key(16, "images per step (AMN: 16)", low=1)
+    crop: int = key(512, "training crop size in pixels (AMN: 512)", low=16)
+    scale_range: tuple[float, float] = key((0.5, 1.5), "random rescale range before cropping (AMN: 0.5-1.5)")
+    lr: float = key(1e-4, "Adam learning rate of the new layers: label encoder and ASPP head (AMN: 1e-4, constant)",
+                    positive=True)
+    backbone_lr_mult: float = key(0.05, "backbone lr = lr x this (AMN: 5e-6, i.e. 0.05)", low=0.0)
+    weight_decay: float = key(1e-4, "Adam weight decay (AMN: 1e-4)", low=0.0)
+    label_smoothing: float = key(0.4, "eps: the target puts 1 - eps on the label's class and eps / C on each other "
+                                      "(AMN: 0.4)", low=0.0, high=0.99)
+    rates: tuple[int, ...] = key((6, 12, 18, 24), "dilations of the ASPP head's four 3x3 convs (AMN: 6, 12, 18, 24)", low=1)
+    backbone_init: str = key("cam", "cam (the trained CAM network's backbone) | imagenet (AMN's) | path to a torchvision "
+                                    "ResNet state dict")
 
 
 @dataclass(frozen=True)
@@ -249,6 +270,7 @@ SECTIONS: dict[str, type] = {
     "backbone": BackboneSection,
     "cam": CamSection,
     "relations": RelationsSection,
+    "amn": AmnSection,
     "irn": IrnSection,
     "labels": LabelsSection,
     "segmenter": SegmenterSection,
@@ -262,6 +284,7 @@ class Config:
     backbone: BackboneSection = BackboneSection()
     cam: CamSection = CamSection()
     relations: RelationsSection = RelationsSection()
+    amn: AmnSection = AmnSection()
     irn: IrnSection = IrnSection()
     labels: LabelsSection = LabelsSection()
     segmenter: SegmenterSection = SegmenterSection()

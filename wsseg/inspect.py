@@ -55,7 +55,7 @@ def compare_tiles(view: ImageView, other: Config, model) -> list[np.ndarray]:
     from wsseg.stages.make_cam import cam_power
     from wsseg.stages.synthesize_labels import synthesize
 
-    cams = artifacts.read_cams(artifacts.cam_path(view.store, view.id))
+    cams = artifacts.read_cams(artifacts.seed_path(view.config, view.store, view.id))
     if cams is None:
         return []
     out = synthesize(model, view.image, cams, other, torch.device("cpu"), cam_power(other, view.store))
@@ -75,7 +75,7 @@ def panel_for(view: ImageView, compare: tuple[Config, object] | None = None) -> 
         segments, categories, _ = ground_truth_segments(view.dataset, view.id)
         tiles.append(view.segments_tile("ground truth panoptic", segments, categories))
     for stage in pipeline.STAGES:
-        if stage.inspect_tiles is not None:
+        if stage.inspect_tiles is not None and stage.is_on(view.config):
             tiles.extend(stage.inspect_tiles(view))
     if compare is not None:
         tiles.extend(compare_tiles(view, *compare))
@@ -89,7 +89,7 @@ def disagreement(view: ImageView) -> float | None:
         return None
     labels = None
     for stage in reversed(pipeline.STAGES):
-        if stage.label_map is not None:
+        if stage.label_map is not None and stage.is_on(view.config):
             labels = stage.label_map(view.config, view.store, view.id)
             if labels is not None:
                 break
@@ -104,7 +104,7 @@ def disagreement(view: ImageView) -> float | None:
 def stage_metrics(config: Config, store: RunStore) -> dict[str, dict[str, float | str]]:
     table: dict[str, dict[str, float | str]] = {}
     for stage in pipeline.STAGES:
-        record = store.record(stage.record_folder(config))
+        record = store.record(stage.record_folder(config)) if stage.is_on(config) else None
         if not record or not record.get("metrics"):
             continue
         flat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record["metrics"].items()

@@ -26,7 +26,8 @@ from wsseg.config import Config
 from wsseg.context import Distributed, StageContext, resolve_device
 from wsseg.errors import UserError
 from wsseg.stage import Stage, check_stages
-from wsseg.stages import make_cam, mine_relations, synthesize_labels, train_cam, train_irn, train_segmenter
+from wsseg.stages import (make_amn_cam, make_cam, mine_relations, synthesize_labels, train_amn, train_cam, train_irn,
+                          train_segmenter)
 from wsseg.store import RunLock, RunStore, canonical_json, check_run_dir_is_safe, digest, remove_temporaries
 
 log = logging.getLogger("wsseg")
@@ -35,6 +36,8 @@ log = logging.getLogger("wsseg")
 STAGES: tuple[Stage, ...] = (
     train_cam.STAGE,
     make_cam.STAGE,
+    train_amn.STAGE,  # optional: cam.amn
+    make_amn_cam.STAGE,  # optional: cam.amn
     mine_relations.STAGE,
     train_irn.STAGE,
     synthesize_labels.STAGE,
@@ -49,6 +52,11 @@ def stage_by_name(name: str) -> Stage:
             return stage
     names = ", ".join(s.name for s in STAGES)
     raise UserError(f"unknown stage {name!r}; stages are: {names}")
+
+
+def active_needs(stage: Stage, config: Config) -> tuple[str, ...]:
+    """The stages `stage` reads under this config: its needs less those switched off."""
+    return tuple(need for need in stage.needs if stage_by_name(need).is_on(config))
 
 
 def evaluator_by_name(name: str) -> tuple[Stage, Any]:
@@ -112,7 +120,7 @@ def stage_inputs(stage: Stage, config: Config) -> dict[str, Any]:
 def fingerprint(stage: Stage, config: Config, _cache: dict | None = None) -> str:
     cache = {} if _cache is None else _cache
     if stage.name not in cache:
-        needs = {need: fingerprint(stage_by_name(need), config, cache) for need in stage.needs}
+        needs = {need: fingerprint(stage_by_name(need), config, cache) for need in active_needs(stage, config)}
         cache[stage.name] = digest({"stage": stage.name, "version": stage.version, "inputs": stage_inputs(stage, config), "needs": needs})
     return cache[stage.name]
 
@@ -138,20 +146,22 @@ def _stale_reason(record: dict, stage: Stage, config: Config, store: RunStore) -
     if changed:
         shown = ", ".join(k.replace("#content", " (list content)") for k in changed[:3])
         return f"changed: {shown}" + (" ..." if len(changed) > 3 else "")
-    for need in stage.needs:
+    for need in active_needs(stage, config):
         if not _need_unchanged(record, need, config, store):
             return f"{need} was rerun"
     return "upstream changed"
 
 
 def stage_state(stage: Stage, config: Config, store: RunStore, cache: dict | None = None) -> StageState:
+    if not stage.is_on(config):
+        return StageState(stage.name, "off", reason=f"{stage.switch} is false")
     record = store.record(stage.record_folder(config))
     state = StageState(stage.name, "missing")
     if record is None:
         return state
     state.seconds = record.get("seconds")
     current = record.get("fingerprint") == fingerprint(stage, config, cache) and all(
-        _need_unchanged(record, need, config, store) for need in stage.needs)
+        _need_unchanged(record, need, config, store) for need in active_needs(stage, config))
     if not current:
         state.state, state.reason = "stale", _stale_reason(record, stage, config, store)
     elif record.get("status") == "complete":
@@ -193,13 +203,15 @@ def prepare_run_dir(config: Config) -> RunStore:
 def run_stage(stage: Stage, config: Config, *, force: bool = False, dist: Distributed | None = None) -> dict:
     """Run one stage if it is not up to date; returns its record."""
     dist = dist or Distributed()
+    if not stage.is_on(config):
+        raise UserError(f"{stage.name} is off: it runs when {stage.switch} is true (e.g. --set {stage.switch}=true)")
     store = prepare_run_dir(config)
     outputs = stage.output_folders(config)
     fp = fingerprint(stage, config)
     record = store.record(outputs[0])
 
     upstream_tokens = {}
-    for need in stage.needs:
+    for need in active_needs(stage, config):
         need_stage = stage_by_name(need)
         need_state = stage_state(need_stage, config, store)
         if need_state.state != "done":
@@ -292,7 +304,7 @@ def run_all(config: Config, *, start: str | None = None, stop: str | None = None
             dist: Distributed | None = None) -> list[StageState]:
     """Run the stages in order, skipping up-to-date ones; `force` reruns those in range."""
     dist = dist or Distributed()
-    selected = stages_between(start, stop)
+    selected = [stage for stage in stages_between(start, stop) if stage.is_on(config)]
     for index, stage in enumerate(selected, 1):
         log.info("[%d/%d] %s", index, len(selected), stage.name)
         run_stage(stage, config, force=force, dist=dist)
@@ -305,8 +317,9 @@ def status(config: Config) -> list[StageState]:
     states = []
     for stage in STAGES:
         state = stage_state(stage, config, store, cache)
-        if state.state == "missing" and any(s.state != "done" and s.name in stage.needs for s in states):
-            state.reason = "waits for " + ", ".join(n for n in stage.needs if any(s.name == n and s.state != "done" for s in states))
+        needs = active_needs(stage, config)
+        if state.state == "missing" and any(s.state != "done" and s.name in needs for s in states):
+            state.reason = "waits for " + ", ".join(n for n in needs if any(s.name == n and s.state != "done" for s in states))
         states.append(state)
     return states
 

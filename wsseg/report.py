@@ -14,7 +14,7 @@ def quality_rows(config: Config) -> list[tuple[str, str, str]]:
     store = RunStore(Path(config.run.dir))
     rows = []
     for stage in pipeline.STAGES:
-        record = store.record(stage.record_folder(config))
+        record = store.record(stage.record_folder(config)) if stage.is_on(config) else None
         if not record:
             continue
         seconds = record.get("seconds")

@@ -47,6 +47,10 @@ class Stage:
     # A stale stage's folders are deleted before it reruns.
     outputs: PerConfig
     needs: tuple[str, ...] = ()  # stages whose outputs it reads (by name, earlier in the list)
+    # A boolean config key that turns an optional stage on (e.g. "cam.amn"). While it is false the
+    # stage is "off": run-all passes it by, and the stages that list it in `needs` do without it
+    # (their fingerprints are then what they were before the stage existed).
+    switch: str | None = None
     # Config selectors that change its result: "cam" (a whole section), "cam.scales" (one key),
     # "-cam.sweep" (leave one out of a selected section); plus the contents of every
     # data.*_list selected. They, the version and the needs' fingerprints make its fingerprint.
@@ -72,6 +76,9 @@ class Stage:
             raise TypeError(f"stage {self.name}: needs, reads and outputs are tuples of strings, not one string")
         if not callable(self.outputs) and not self.outputs:
             raise ValueError(f"stage {self.name}: declare at least one output folder (it holds the record)")
+
+    def is_on(self, config: "Config") -> bool:
+        return self.switch is None or bool(config.get(self.switch))
 
     def output_folders(self, config: "Config") -> tuple[str, ...]:
         return tuple(self.outputs(config) if callable(self.outputs) else self.outputs)

@@ -1,6 +1,6 @@
 """The training loop every training stage shares (train-cam, train-irn, train-segmenter).
 
-SGD with per-group learning rates and the poly schedule lr·(1 − step/max_step)^0.9,
+SGD (or Adam) with per-group learning rates and the poly schedule lr·(1 − step/max_step)^0.9,
 reproducible sampling (the order depends on seed and epoch only, not on workers or
 resumes), AMP on CUDA, DistributedDataParallel under torchrun, a checkpoint written
 atomically after every epoch and resumed from after a kill, and a NaN/inf guard that
@@ -32,6 +32,15 @@ def sgd(groups: list[tuple[list[nn.Parameter], float]], *, momentum: float, weig
     if not param_groups:
         raise UserError("nothing to train: every parameter is frozen; check the train_stages / train_backbone keys")
     return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
+
+
+def adam(groups: list[tuple[list[nn.Parameter], float]], *, weight_decay: float) -> torch.optim.Adam:
+    """Adam over (params, lr) groups (L2 weight decay added to the gradient, torch's Adam), each
+    group remembering its base lr like sgd()'s."""
+    param_groups = [{"params": params, "lr": lr, "base_lr": lr} for params, lr in groups if params]
+    if not param_groups:
+        raise UserError("nothing to train: every parameter is frozen")
+    return torch.optim.Adam(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int, power: float = 0.9) -> None:
@@ -95,13 +104,14 @@ def _move(batch: dict, device: torch.device) -> dict:
 
 def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, batch_size: int,
           epochs: int, loss_fn: LossFn, checkpoint: Path, seed: int, after_step: Callable[[nn.Module, dict, int, int], None] | None = None,
-          phase: str = "train") -> TrainResult:
+          phase: str = "train", lr_power: float = 0.9) -> TrainResult:
     """Train `model` for `epochs`, resuming from `checkpoint` if it exists.
 
     `loss_fn(model, batch)` returns named loss terms including "total". The model may be
     wrapped in DDP inside; `loss_fn` must only call it (and read `.module` for attributes).
     `after_step(model, batch, step, max_steps)` runs after each optimiser step (e.g. a
-    memory update). Returns the loss curves; the model's weights are trained in place.
+    memory update). `lr_power`: the poly schedule's power (0 keeps every lr constant).
+    Returns the loss curves; the model's weights are trained in place.
     """
     loader = make_loader(ctx, dataset, batch_size, seed=seed)
     steps_per_epoch = len(loader)
@@ -138,7 +148,7 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
         bar = ctx.progress(total=steps_per_epoch, desc=f"{ctx.name} {phase} epoch {epoch + 1}/{epochs}")
         for index, batch in enumerate(loader):
             step = epoch * steps_per_epoch + index
-            set_poly_lr(optimizer, step, max_steps)
+            set_poly_lr(optimizer, step, max_steps, lr_power)
             batch = _move(batch, ctx.device)
             with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 terms = loss_fn(trained, batch)

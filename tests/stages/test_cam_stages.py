@@ -209,3 +209,70 @@ def test_ficklenet_trains_and_its_stochastic_cams_repeat_exactly(tiny_data, tmp_
     cams = artifacts.read_cams(artifacts.cam_path(store, ids[0]))
     assert "plain" in cams and not np.allclose(cams["plain"], cams["high_res"])  # the union differs from one pass
     assert store.record("cam")["metrics"]["val_map"] is not None
+
+
+def test_amn_learns_its_relation_labels_and_its_maps_feed_mine_relations(cam_run, tmp_path):
+    """cam.amn: train-amn mines relation labels from the CAMs with mine-relations' own rule and
+    learns them (balanced accuracy on their confident pixels, which an untrained network does not
+    reach); make-amn-cam's maps are what mine-relations reads then; train-cam and make-cam stay done."""
+    import shutil
+
+    import torch
+
+    import wsseg.stages.make_amn_cam as make_amn_cam
+    import wsseg.stages.mine_relations as mine_relations
+    import wsseg.stages.train_amn as train_amn
+    from tiny import tiny_config
+    from wsseg.data.datasets import multi_hot_tags
+    from wsseg.data.transforms import normalize
+    from wsseg.models.amn import nearest
+    from wsseg.stages.make_cam import cam_power
+
+    run = tmp_path / "run"
+    shutil.copytree(cam_run.run.dir, run, ignore=shutil.ignore_patterns("relations", "irn", "labels"))
+    config = tiny_config(cam_run.data.root, run, "cam.amn=true", "amn.epochs=10", "amn.batch_size=8", "amn.crop=64",
+                         "amn.rates=[1,2]")
+    states = {s.name: s.state for s in pipeline.status(config)}
+    assert states["train-cam"] == states["make-cam"] == "done" and states["train-amn"] == "missing"
+    pipeline.run_all(config, stop="mine-relations")
+    store = RunStore(run)
+    dataset = artifacts.open_dataset(config)
+    ids = artifacts.image_ids(config, "data.train_list")
+    for image_id in ids[:4]:  # its labels are mine-relations' rule applied to the CAMs
+        cams = artifacts.read_cams(artifacts.cam_path(store, image_id))
+        expected = mine_relations.relation_labels(dataset.read_image(image_id), cams, config, cam_power(config, store, "cams"))
+        assert np.array_equal(artifacts.read_labels(train_amn.label_path(store, image_id)), expected)
+
+    def balanced_accuracy(model):
+        right, total = np.zeros(2), np.zeros(2)
+        with torch.no_grad():
+            for image_id in ids:
+                image = torch.from_numpy(normalize(dataset.read_image(image_id))).permute(2, 0, 1)[None]
+                tags = torch.from_numpy(multi_hot_tags(dataset, image_id))[None]
+                logits = model(image, tags)[0]
+                allowed = torch.full((logits.shape[0],), float("-inf"))
+                allowed[[0, *(dataset.tags(image_id) + 1)]] = 0  # background and the image's classes
+                predicted = (logits + allowed[:, None, None]).argmax(0)
+                label = nearest(torch.from_numpy(artifacts.read_labels(train_amn.label_path(store, image_id))).long(),
+                                logits.shape[1:])
+                for part, mask in enumerate((label == 0, (label > 0) & (label != 255))):
+                    right[part] += (predicted[mask] == label[mask]).sum().item()
+                    total[part] += mask.sum().item()
+        return float(np.mean(right / total))
+
+    trained = train_amn.load_network(config, store)
+    untrained = train_amn.build_network(config, store).eval()
+    assert balanced_accuracy(trained) > 0.8 > balanced_accuracy(untrained) + 0.1, (
+        balanced_accuracy(trained), balanced_accuracy(untrained))
+
+    amn = artifacts.read_cams(artifacts.cam_path(store, ids[0], "amn_cams"))
+    plain = artifacts.read_cams(artifacts.cam_path(store, ids[0]))
+    np.testing.assert_allclose(amn["plain"], plain["high_res"], atol=1e-3)  # make-cam's CAM kept for inspect
+    assert not np.allclose(amn["high_res"], plain["high_res"], atol=0.05)
+    expected = mine_relations.relation_labels(dataset.read_image(ids[0]), amn, config, cam_power(config, store))
+    assert np.array_equal(artifacts.read_labels(mine_relations.relation_path(store, ids[0])), expected)
+    assert store.record("amn_cams")["metrics"]["best_miou"] > 0
+    from wsseg.inspect import ImageView
+
+    view = ImageView(config, store, dataset, ids[0])
+    assert len(make_amn_cam.STAGE.inspect_tiles(view)) == 2 * len(amn["keys"]) + 1  # CAM and AMN per class, labels

@@ -44,6 +44,13 @@ class _SeededItems(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, int(index)])
 
 
+def multi_hot_tags(voc: VOCDataset, image_id: str) -> np.ndarray:
+    """(C,) float32: 1 for each foreground class the image is tagged with."""
+    tags = np.zeros(voc.num_classes, dtype=np.float32)
+    tags[voc.tags(image_id)] = 1.0
+    return tags
+
+
 class TaggedImages(_SeededItems):
     """Images with multi-hot tags, for train-cam.
 
@@ -65,8 +72,7 @@ class TaggedImages(_SeededItems):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         image = self.voc.read_image(image_id)
-        tags = np.zeros(self.voc.num_classes, dtype=np.float32)
-        tags[self.voc.tags(image_id)] = 1.0
+        tags = multi_hot_tags(self.voc, image_id)
         rng = self._rng(index)
         if self.objects is not None and rng.random() < self.object_probability:
             image, tags = self.objects.decouple(image, tags, rng)
@@ -77,7 +83,8 @@ class TaggedImages(_SeededItems):
 class LabelledImages(_SeededItems):
     """Images with a label map, for train-irn (relation maps) and the segmenters (pseudo or true labels).
 
-    Item: {"id": str, "image": float32 (3, h, w), "label": int64 (h, w)}. `label_reader(id)`
+    Item: {"id": str, "image": float32 (3, h, w), "label": int64 (h, w)} (and "tags", float32 (C,)
+    multi-hot, with tags=True). `label_reader(id)`
     gives the (H, W) uint8 map at the image's size (0 background, 1..C, 255 ignore);
     `transform(uint8 image, label, rng) -> (float32 (h, w, 3), label (h, w))` augments and
     normalises (e.g. `transforms.SegmentationAugment`); None only normalises.
@@ -91,11 +98,13 @@ class LabelledImages(_SeededItems):
         transform: PairTransform | None = None,
         *,
         seed: int = 0,
+        tags: bool = False,
     ) -> None:
         super().__init__(ids, seed)
         self.voc = voc
         self.label_reader = label_reader
         self.transform = transform
+        self.tags = tags
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
@@ -110,8 +119,11 @@ class LabelledImages(_SeededItems):
             image = normalize(image)
         else:
             image, label = self.transform(image, label, self._rng(index))
-        return {
+        item = {
             "id": image_id,
             "image": _to_chw_tensor(image),
             "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
         }
+        if self.tags:  # the image's multi-hot tags too (AMN's label encoder reads them)
+            item["tags"] = torch.from_numpy(multi_hot_tags(self.voc, image_id))
+        return item

@@ -61,8 +61,18 @@ def ids_with_ground_truth(dataset: VOCDataset, ids: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------- CAMs
 
 
-def cam_path(store: RunStore, image_id: str) -> Path:
-    return store.folder("cams") / f"{image_id}.npz"
+def cam_path(store: RunStore, image_id: str, folder: str = "cams") -> Path:
+    return store.folder(folder) / f"{image_id}.npz"
+
+
+def seed_folder(config: Config) -> str:
+    """Where the seeds that mine-relations, synthesize-labels and calibrate read lie: make-cam's
+    CAMs, or with cam.amn the AMN maps make-amn-cam writes in the same format."""
+    return "amn_cams" if config.cam.amn else "cams"
+
+
+def seed_path(config: Config, store: RunStore, image_id: str) -> Path:
+    return cam_path(store, image_id, seed_folder(config))
 
 
 def write_cams(path: Path, keys: np.ndarray, cam: np.ndarray, high_res: np.ndarray, plain: np.ndarray | None = None) -> None:

@@ -24,7 +24,8 @@ from wsseg.metrics import best_background_threshold
 from wsseg.models.cam import advcam_maps, inference_network, multiscale_cams
 from wsseg.ops.thresholds import otsu_threshold, relative_power, value_histogram
 from wsseg.stage import Stage, fmt
-from wsseg.stages.artifacts import cam_path, ids_with_ground_truth, image_ids, is_whole, open_dataset, read_cams, write_cams
+from wsseg.stages.artifacts import (cam_path, ids_with_ground_truth, image_ids, is_whole, open_dataset, read_cams, seed_folder,
+                                    write_cams)
 from wsseg.stages.per_image import for_each_image, skipped_ids
 from wsseg.stages.train_cam import load_network
 from wsseg.store import RunStore, read_json, write_json
@@ -72,71 +73,74 @@ def run(ctx: StageContext) -> dict:
     return {"metrics": metrics, "items": {"done": len(ids) - len(skipped_ids(folder)), "total": len(ids)}, "counters": counts}
 
 
-def damaged(config: Config, store: RunStore) -> list[str]:
+def damaged(config: Config, store: RunStore, folder: str = "cams") -> list[str]:
     """Images whose CAM file is missing or damaged although the stage completed (and levels.json
-    if that is: rerunning the stage rewrites it from the CAMs)."""
-    skipped = skipped_ids(store.folder("cams"))
+    if that is: rerunning the stage rewrites it from the CAMs). `folder`: cams, or amn_cams."""
+    skipped = skipped_ids(store.folder(folder))
     ids = [i for i in image_ids(config, "data.label_list", "data.eval_list") if i not in skipped]
-    bad = [i for i in ids if not is_whole(cam_path(store, i))]
-    return bad + ([] if read_levels(store) else [levels_path(store).name])
+    bad = [i for i in ids if not is_whole(cam_path(store, i, folder))]
+    return bad + ([] if read_levels(store, folder) else [levels_path(store, folder).name])
 
 
-def count_done(config: Config, store: RunStore) -> tuple[int, int]:
+def count_done(config: Config, store: RunStore, folder: str = "cams") -> tuple[int, int]:
     ids = image_ids(config, "data.label_list", "data.eval_list")
-    return sum(cam_path(store, i).exists() for i in ids), len(ids)
+    return sum(cam_path(store, i, folder).exists() for i in ids), len(ids)
 
 
 MAX_OTSU_IMAGES = 2000  # a deterministic sample is plenty for a 256-bin histogram
 
 
-def cam_otsu_level(ids: list[str], store: RunStore) -> float | None:
+def cam_otsu_level(ids: list[str], store: RunStore, folder: str = "cams") -> float | None:
     """Otsu's threshold of the per-pixel max CAM over (a sample of) the images: where these CAMs
     split foreground from background, without ground truth (see wsseg/ops/thresholds.py)."""
     histogram = np.zeros(256, np.int64)
     for image_id in ids[:: max(1, len(ids) // MAX_OTSU_IMAGES)]:
-        cams = read_cams(cam_path(store, image_id))
+        cams = read_cams(cam_path(store, image_id, folder))
         if cams is not None and cams["keys"].size:
             histogram += value_histogram(cams["high_res"].max(axis=0))
     return round(otsu_threshold(histogram), 4) if histogram.any() else None
 
 
-def levels_path(store: RunStore) -> Path:
-    return store.folder("cams") / "levels.json"
+def levels_path(store: RunStore, folder: str = "cams") -> Path:
+    return store.folder(folder) / "levels.json"
 
 
-def read_levels(store: RunStore) -> dict | None:
+def read_levels(store: RunStore, folder: str = "cams") -> dict | None:
     """cams/levels.json: {"otsu": Otsu's level of the CAMs, or null when there were none}."""
-    levels = read_json(levels_path(store))
+    levels = read_json(levels_path(store, folder))
     return levels if isinstance(levels, dict) and "otsu" in levels else None
 
 
-def cam_power(config: Config, store: RunStore) -> float:
-    """The exponent later stages apply to the CAMs: 1 in fixed mode; γ from make-cam's Otsu level in relative mode."""
+def cam_power(config: Config, store: RunStore, folder: str | None = None) -> float:
+    """The exponent later stages apply to the seeds (make-cam's CAMs or make-amn-cam's maps; `folder`
+    names one): 1 in fixed mode; γ from the seeds' Otsu level in relative mode."""
     if config.cam.threshold_mode == "fixed":
         return 1.0
-    otsu = (read_levels(store) or {}).get("otsu")
+    folder = folder or seed_folder(config)
+    otsu = (read_levels(store, folder) or {}).get("otsu")
     if otsu is None:
-        raise UserError(f"cam.threshold_mode: relative needs the CAMs' Otsu level in {levels_path(store)}, which is "
-                        f"missing or empty; run `wsseg make-cam` again to rewrite it")
+        stage = "make-amn-cam" if folder == "amn_cams" else "make-cam"
+        raise UserError(f"cam.threshold_mode: relative needs the seeds' Otsu level in {levels_path(store, folder)}, which "
+                        f"is missing or empty; run `wsseg {stage}` again to rewrite it")
     return relative_power(min(max(otsu, 1e-3), 1 - 1e-3), config.cam.eval_threshold)
 
 
-def evaluate(config: Config, store: RunStore, progress=None) -> dict:
+def evaluate(config: Config, store: RunStore, progress=None, folder: str = "cams") -> dict:
     """CAM mIoU on the evaluation list: at cam.eval_threshold, at the relative-mode threshold
-    (eval_threshold on CAM^γ), and at the best of cam.sweep."""
-    otsu = (read_levels(store) or {}).get("otsu")
+    (eval_threshold on CAM^γ), and at the best of cam.sweep. `folder`: cams, or amn_cams for AMN's maps."""
+    otsu = (read_levels(store, folder) or {}).get("otsu")
     dataset = open_dataset(config)
     ids = ids_with_ground_truth(dataset, image_ids(config, "data.eval_list"))
-    ids = [i for i in ids if cam_path(store, i).exists()]
+    ids = [i for i in ids if cam_path(store, i, folder).exists()]
     if not ids:
         return {"evaluated_images": 0}
     relative = round(otsu, 4) if otsu else None  # eval_threshold on CAM^γ = Otsu's level on the CAM
     thresholds = sorted(set(config.cam.sweep) | {config.cam.eval_threshold} | ({relative} if relative else set()))
 
     def images():
-        iterator = progress(ids, desc="make-cam: evaluating") if progress else Progress(ids, None, "", enabled=False)
+        iterator = progress(ids, desc="make-cam: evaluating" if folder == "cams" else "make-amn-cam: evaluating") if progress else Progress(ids, None, "", enabled=False)
         for image_id in iterator:
-            cams = read_cams(cam_path(store, image_id))
+            cams = read_cams(cam_path(store, image_id, folder))
             if cams is None:
                 continue
             yield cams["high_res"], cams["keys"], dataset.read_semantic(image_id)
@@ -172,39 +176,39 @@ def cam_label_map(cams: dict[str, np.ndarray], threshold: float) -> np.ndarray:
     return np.where(high_res.max(axis=0) > threshold, keys[best] + 1, 0).astype(np.uint8)
 
 
-def label_threshold(config: Config, store: RunStore) -> float:
+def label_threshold(config: Config, store: RunStore, folder: str = "cams") -> float:
     """The background level the CAM label pictures use: cam.eval_threshold, or in relative
     mode the Otsu level (eval_threshold on CAM^γ is the Otsu level on the CAM)."""
-    otsu = (read_levels(store) or {}).get("otsu")
+    otsu = (read_levels(store, folder) or {}).get("otsu")
     return otsu if config.cam.threshold_mode == "relative" and otsu else config.cam.eval_threshold
 
 
-def label_map(config: Config, store: RunStore, image_id: str) -> np.ndarray | None:
-    cams = read_cams(cam_path(store, image_id))
-    return None if cams is None else cam_label_map(cams, label_threshold(config, store))
+def label_map(config: Config, store: RunStore, image_id: str, folder: str = "cams") -> np.ndarray | None:
+    cams = read_cams(cam_path(store, image_id, folder))
+    return None if cams is None else cam_label_map(cams, label_threshold(config, store, folder))
 
 
-def inspect_tiles(view) -> list[np.ndarray]:
-    cams = read_cams(cam_path(view.store, view.id))
+def inspect_tiles(view, folder: str = "cams") -> list[np.ndarray]:
+    cams = read_cams(cam_path(view.store, view.id, folder))
     if cams is None:
         return []
-    method = "+".join(name for name, on in (("multi-dilated", bool(view.config.cam.dilations)),
-                                            ("FickleNet", view.config.cam.fickle_window > 0),
-                                            ("AdvCAM", view.config.cam.advcam)) if on)
+    method = "AMN" if folder == "amn_cams" else "+".join(
+        name for name, on in (("multi-dilated", bool(view.config.cam.dilations)),
+                              ("FickleNet", view.config.cam.fickle_window > 0), ("AdvCAM", view.config.cam.advcam)) if on)
     tiles = []
     for channel, key in enumerate(cams["keys"]):
         if "plain" in cams:  # the chosen method's map beside the plain CAM it starts from
             tiles.append(viz.tile(f"CAM {view.names[key]} (plain)", viz.cam_overlay(view.image, cams["plain"][channel])))
         title = f"CAM {view.names[key]}" + (f" ({method})" if method and "plain" in cams else "")
         tiles.append(viz.tile(title, viz.cam_overlay(view.image, cams["high_res"][channel])))
-    threshold = label_threshold(view.config, view.store)
-    tiles.append(view.labels_tile(f"CAM labels (bg {threshold:.2f}, {view.config.cam.threshold_mode})",
-                                  cam_label_map(cams, threshold)))
+    threshold = label_threshold(view.config, view.store, folder)
+    tiles.append(view.labels_tile(f"{method if folder != 'cams' else 'CAM'} labels (bg {threshold:.2f}, "
+                                  f"{view.config.cam.threshold_mode})", cam_label_map(cams, threshold)))
     return tiles
 
 
-def quality(m: dict) -> str:
-    return (f"CAM mIoU {fmt(m.get('miou'))} at bg {fmt(m.get('threshold'), 2)}, "
+def quality(m: dict, name: str = "CAM") -> str:
+    return (f"{name} mIoU {fmt(m.get('miou'))} at bg {fmt(m.get('threshold'), 2)}, "
             f"{fmt(m.get('miou_relative'))} relative (Otsu {fmt(m.get('otsu_threshold'), 2)}), "
             f"best {fmt(m.get('best_miou'))} at bg {fmt(m.get('best_threshold'), 2)}"
             f"{' (an end of cam.sweep)' if m.get('best_at_sweep_edge') else ''}")

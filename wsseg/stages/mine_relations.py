@@ -52,24 +52,27 @@ def relation_labels(image: np.ndarray, cams: dict[str, np.ndarray], config: Conf
     return relations
 
 
-def _mine_one(config: Config, run_dir: str, power: float, image_id: str) -> None:
+def mine_image(config: Config, run_dir: str, power: float, seeds: str, out: str, image_id: str) -> None:
+    """The relation map of one image from the CAM-format seeds in RUN/<seeds>/ into RUN/<out>/<id>.png
+    (mine-relations: the stage's seeds into relations/; train-amn: make-cam's CAMs into amn/ir_labels/)."""
     store = RunStore(run_dir)
-    cams = artifacts.read_cams(artifacts.cam_path(store, image_id))
+    cams = artifacts.read_cams(artifacts.cam_path(store, image_id, seeds))
     if cams is None:
-        raise RuntimeError(f"cams/{image_id}.npz is missing or damaged; rerun make-cam")
+        raise RuntimeError(f"{seeds}/{image_id}.npz is missing or damaged; rerun "
+                           f"{'make-amn-cam' if seeds == 'amn_cams' else 'make-cam'}")
     image = artifacts.open_dataset(config).read_image(image_id)
-    artifacts.write_labels(relation_path(store, image_id), relation_labels(image, cams, config, power))
+    artifacts.write_labels(store.folder(out) / f"{image_id}.png", relation_labels(image, cams, config, power))
 
 
 def run(ctx: StageContext) -> dict:
     config = ctx.config
     ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
-    ids = [i for i in ids if i not in skipped_ids(ctx.store.folder("cams"))]
+    ids = [i for i in ids if i not in skipped_ids(ctx.store.folder(artifacts.seed_folder(config)))]
     folder = ctx.folder("relations")
     power = cam_power(config, ctx.store)
     if power != 1.0:
         ctx.log.info("mine-relations: relative thresholds: CAM^%.3f", power)
-    work = functools.partial(_mine_one, config, str(ctx.store.root), power)
+    work = functools.partial(mine_image, config, str(ctx.store.root), power, artifacts.seed_folder(config), "relations")
     counts = for_each_image(ctx, ids, lambda i: relation_path(ctx.store, i), work, report_folder=folder,
                             processes=config.run.workers)
     ctx.dist.barrier()
@@ -78,7 +81,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def damaged(config: Config, store: RunStore) -> list[str]:
-    skipped = skipped_ids(store.folder("cams")) | skipped_ids(store.folder("relations"))
+    skipped = skipped_ids(store.folder(artifacts.seed_folder(config))) | skipped_ids(store.folder("relations"))
     ids = [i for i in artifacts.image_ids(config, "data.label_list", "data.eval_list") if i not in skipped]
     return [i for i in ids if not artifacts.is_whole(relation_path(store, i))]
 
@@ -88,19 +91,22 @@ def count_done(config: Config, store: RunStore) -> tuple[int, int]:
     return sum(relation_path(store, i).exists() for i in ids), len(ids)
 
 
-def evaluate(config: Config, store: RunStore, progress=None) -> dict:
+def evaluate(config: Config, store: RunStore, progress=None, folder: str = "relations") -> dict:
     """Precision (share of confident pixels that are right) and coverage (share of labelled
-    pixels that are confident) against the ground truth, overall and for fg / bg."""
+    pixels that are confident) against the ground truth, overall and for fg / bg. `folder`:
+    relations, or train-amn's amn/ir_labels."""
     dataset = artifacts.open_dataset(config)
+    path = lambda image_id: store.folder(folder) / f"{image_id}.png"  # noqa: E731
     ids = [i for i in artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.eval_list"))
-           if relation_path(store, i).exists()]
+           if path(i).exists()]
     if not ids:
         return {"evaluated_images": 0}
     correct = confident = labelled = 0
     fg = {"correct": 0, "confident": 0}
     bg = {"correct": 0, "confident": 0}
-    for image_id in (progress(ids, desc="mine-relations: evaluating") if progress else ids):
-        relations = artifacts.read_labels(relation_path(store, image_id))
+    for image_id in (progress(ids, desc="mine-relations: evaluating" if folder == "relations"
+                                            else "train-amn: evaluating its labels") if progress else ids):
+        relations = artifacts.read_labels(path(image_id))
         truth = dataset.read_semantic(image_id)
         if relations is None:
             continue
@@ -142,7 +148,7 @@ STAGE = Stage(
     help="Confident foreground/background/unsure maps with DenseCRF.",
     run=run,
     outputs=("relations",),
-    needs=("make-cam",),
+    needs=("make-cam", "make-amn-cam"),
     reads=("data.root", "data.label_list", "data.eval_list", "cam.threshold_mode", "cam.eval_threshold", "relations"),
     headline="precision",
     quality=quality,

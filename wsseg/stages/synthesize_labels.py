@@ -126,7 +126,7 @@ def run(ctx: StageContext) -> dict:
     config = ctx.config
     dataset = artifacts.open_dataset(config)
     ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
-    ids = [i for i in ids if i not in skipped_ids(ctx.store.folder("cams"))]
+    ids = [i for i in ids if i not in skipped_ids(ctx.store.folder(artifacts.seed_folder(config)))]
     model = load_network(config, ctx.store).to(ctx.device)
     power = cam_power(config, ctx.store)
     for sub in ("semantic", "instance", "panoptic"):
@@ -135,9 +135,10 @@ def run(ctx: StageContext) -> dict:
     ctx.folder("irn/displacement")
 
     def work(image_id: str) -> None:
-        cams = artifacts.read_cams(artifacts.cam_path(ctx.store, image_id))
+        cams = artifacts.read_cams(artifacts.seed_path(config, ctx.store, image_id))
         if cams is None:
-            raise RuntimeError(f"cams/{image_id}.npz is missing or damaged; rerun make-cam")
+            raise RuntimeError(f"{artifacts.seed_folder(config)}/{image_id}.npz is missing or damaged; rerun "
+                               f"{'make-amn-cam' if config.cam.amn else 'make-cam'}")
         out = synthesize(model, dataset.read_image(image_id), cams, config, ctx.device, power)
         paths = Paths(ctx.store, image_id)
         artifacts.write_labels(paths.boundary, np.round(out["boundary"] * 255).astype(np.uint8))
@@ -175,7 +176,7 @@ def write_panoptic_json(config: Config, store: RunStore, ids: list[str]) -> None
 
 
 def damaged(config: Config, store: RunStore) -> list[str]:
-    skipped = skipped_ids(store.folder("cams")) | skipped_ids(store.folder("labels"))
+    skipped = skipped_ids(store.folder(artifacts.seed_folder(config))) | skipped_ids(store.folder("labels"))
     bad = []
     for image_id in artifacts.image_ids(config, "data.label_list", "data.eval_list"):
         if image_id in skipped:
@@ -322,7 +323,7 @@ STAGE = Stage(
     help="Random walk + displacement: semantic, instance and panoptic labels.",
     run=run,
     outputs=("labels", "irn/boundary", "irn/displacement"),
-    needs=("make-cam", "train-irn"),
+    needs=("make-cam", "make-amn-cam", "train-irn"),
     reads=("data.root", "data.label_list", "data.eval_list", "data.classes", "cam.threshold_mode", "cam.eval_threshold",
            "labels"),
     headline="semantic_miou",

@@ -143,7 +143,7 @@ STAGE = Stage(
     reads=("run.seed", "data.root", "data.classes", "data.train_list", "data.cls_labels", "backbone", "cam",
            "-cam.scales", "-cam.eval_threshold", "-cam.sweep", "-cam.threshold_mode", "-cam.fickle_samples", "-cam.advcam",
            "-cam.advcam_steps",
-           "-cam.advcam_step_size", "-cam.advcam_mask_threshold", "-cam.advcam_regularisation"),
+           "-cam.advcam_step_size", "-cam.advcam_mask_threshold", "-cam.advcam_regularisation", "-cam.amn"),
     headline="val_map",
     quality=quality,
 )
