@@ -54,6 +54,7 @@ RECIPES: dict[str, list[str]] = {
     # the paper's 9x9 window is a quarter of its 41x41 map; the demo's map is 8x8
     "fickle3-epochs30": ["cam.epochs=30", "cam.fickle_window=3"],
     "recam-epochs30": ["cam.epochs=30", "cam.recam=true"],
+    "amn-epochs30": ["cam.epochs=30", "cam.amn=true"],  # pipelines/demo.yaml's amn section
 }
 
 BACKBONES = {
