@@ -101,6 +101,11 @@ def run_one(recipe: str, backbone: str, data_seed: int, train_seed: int, classes
         "train_seconds": cam_record["seconds"], "seconds_this_call": round(time.monotonic() - started, 1),
     }
     result["make_cam_seconds_per_image"] = round(store.record("cams")["seconds"] / store.record("cams")["items"]["total"], 3)
+    if config.cam.amn:  # AMN's maps are the seeds: their numbers beside the CAMs', and its cost
+        amn_maps = store.record("amn_cams")
+        result.update(seed_best=amn_maps["metrics"]["best_miou"], seed_relative=amn_maps["metrics"]["miou_relative"],
+                      train_amn_seconds=store.record("amn")["seconds"],
+                      make_amn_cam_seconds_per_image=round(amn_maps["seconds"] / amn_maps["items"]["total"], 3))
     if labels:
         relations = store.record("relations")["metrics"]
         label_metrics = store.record("labels")["metrics"]
@@ -140,6 +145,8 @@ def main() -> None:
     data_seeds = [int(s) for s in args.data_seeds.split(",")]
     train_seeds = [int(s) for s in args.train_seeds.split(",")]
     keys = ["train_map", "val_map", "cam_best", "cam_relative", "train_seconds", "make_cam_seconds_per_image"]
+    keys += ["seed_best", "seed_relative", "train_amn_seconds", "make_amn_cam_seconds_per_image"] if any(
+        "cam.amn=true" in RECIPES[r] or "cam.amn=true" in args.extra for r in recipes) else []
     keys += ["relation_precision", "relation_coverage", "labels_miou", "ap50", "pq"] if args.labels else []
     results, rows = [], {}
     for recipe in recipes:
@@ -162,7 +169,7 @@ def main() -> None:
         cells = []
         for key in keys:
             mean, low, high = row.get(key, (None, None, None))
-            cells.append("-" if mean is None else (f"{mean:.0f} ({low:.0f}-{high:.0f})" if key == "train_seconds"
+            cells.append("-" if mean is None else (f"{mean:.0f} ({low:.0f}-{high:.0f})" if key.endswith("_seconds")
                                                    else f"{mean:.3f} ({low:.3f}-{high:.3f})"))
         print(f"| {recipe} | " + " | ".join(cells) + " |")
 

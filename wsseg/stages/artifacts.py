@@ -136,6 +136,21 @@ def write_labels(path: Path, labels: np.ndarray) -> None:
         write_label_png(tmp, labels.astype(np.uint8))
 
 
+class RunLabels:
+    """label_reader for LabelledImages: an image's label map from RUN/<folder>/<id>.png, written
+    by `stage` (picklable, for data-loader workers). A missing or damaged map is a UserError
+    naming the stage to rerun."""
+
+    def __init__(self, run_dir: str | Path, folder: str, stage: str):
+        self.run_dir, self.folder, self.stage = str(run_dir), folder, stage
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        labels = read_labels(RunStore(self.run_dir).folder(self.folder) / f"{image_id}.png")
+        if labels is None:
+            raise UserError(f"{self.folder}/{image_id}.png is missing or damaged; rerun {self.stage}")
+        return labels
+
+
 def read_labels(path: Path) -> np.ndarray | None:
     """A palette-PNG label map written by a stage, or None if missing or damaged."""
     try:

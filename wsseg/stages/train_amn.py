@@ -35,19 +35,6 @@ def label_path(store: RunStore, image_id: str):
     return store.folder(LABELS) / f"{image_id}.png"
 
 
-class _LabelReader:
-    """label_reader for LabelledImages: an image's relation map from amn/ir_labels (picklable for workers)."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-
-    def __call__(self, image_id: str):
-        labels = artifacts.read_labels(label_path(RunStore(self.run_dir), image_id))
-        if labels is None:
-            raise UserError(f"{LABELS}/{image_id}.png is missing or damaged; rerun train-amn")
-        return labels
-
-
 def build_network(config: Config, store: RunStore | None, *, initialise: bool = True) -> AMNet:
     # AMN trains every backbone stage but the stem, with BatchNorm frozen (IRN's ResNet-50)
     backbone = ResNet(config.backbone.depth, width=config.backbone.width, strides=CAM_STRIDES, frozen_bn=True,
@@ -84,7 +71,7 @@ def run(ctx: StageContext) -> dict:
     if missing:
         raise UserError(f"train-amn: {len(missing)} images of data.train_list have no relation label (e.g. "
                         f"{missing[0]}); data.label_list must include the training images")
-    images = LabelledImages(dataset, train_ids, _LabelReader(str(ctx.store.root)),
+    images = LabelledImages(dataset, train_ids, artifacts.RunLabels(ctx.store.root, LABELS, "train-amn"),
                             SegmentationAugment(scale_range=amn.scale_range, crop_size=amn.crop), seed=config.run.seed,
                             tags=True)
     model = build_network(config, ctx.store)

@@ -32,19 +32,6 @@ IRN_STRIDES = (1, 2, 2, 1)  # IRN's backbone: output stride 16, like the CAM net
 MAX_MEAN_IMAGES = 1000  # images used to estimate the mean displacement
 
 
-class RelationReader:
-    """label_reader for LabelledImages: the relation map of an image (picklable for workers)."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-
-    def __call__(self, image_id: str):
-        labels = artifacts.read_labels(relation_path(RunStore(self.run_dir), image_id))
-        if labels is None:
-            raise UserError(f"relations/{image_id}.png is missing or damaged; rerun mine-relations")
-        return labels
-
-
 def build_network(config: Config, store: RunStore | None, *, initialise: bool = True) -> IRNet:
     backbone = ResNet(config.backbone.depth, width=config.backbone.width, strides=IRN_STRIDES, frozen_bn=True,
                       trainable=("stem", "layer1", "layer2", "layer3", "layer4") if config.irn.train_backbone else ())
@@ -75,7 +62,7 @@ def run(ctx: StageContext) -> dict:
             f"train-irn: {len(missing)} images of data.train_list have no relation map (e.g. {missing[0]}); "
             f"data.label_list must include the training images"
         )
-    images = LabelledImages(dataset, ids, RelationReader(str(ctx.store.root)),
+    images = LabelledImages(dataset, ids, artifacts.RunLabels(ctx.store.root, "relations", "mine-relations"),
                             SegmentationAugment(scale_range=irn.scale_range, crop_size=irn.crop), seed=config.run.seed)
     model = build_network(config, ctx.store)
     boundary_params, displacement_params = model.param_groups()
