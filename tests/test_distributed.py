@@ -280,3 +280,29 @@ def test_per_image_cam_methods_split_across_processes_give_the_files_of_one(data
             assert sorted(a.files) == sorted(b.files) == ["cam", "high_res", "keys", "plain"]
             for key in a.files:
                 assert np.array_equal(a[key], b[key]), f"{name}: {key} differs between 1 and 2 processes"
+
+
+def test_amn_trains_under_torchrun_and_its_maps_split_across_processes_give_the_files_of_one(data, live_bn):
+    """train-amn under torchrun (DistributedDataParallel over its backbone, tag encoder and head);
+    make-amn-cam's images split across 2 processes give the files one process writes."""
+    amn = ("cam.amn=true", "amn.epochs=1", "amn.batch_size=8", "amn.crop=32", "amn.rates=[1,2]")
+    base = data.parent / "amn"
+    base.mkdir()
+    one, two = base / "run1", base / "run2"
+    shutil.copytree(live_bn["single"], one)
+    wsseg("make-cam", data, one)
+    shutil.copytree(one, two)
+    wsseg("train-amn", data, two, *amn, processes=2)
+    assert record(two, "amn")["status"] == "complete" and len(record(two, "amn")["curves"]["total"]) == 1
+    wsseg("train-amn", data, one, *amn)
+    shutil.rmtree(two / "amn")
+    shutil.copytree(one / "amn", two / "amn")  # the same trained AMN in both runs
+    wsseg("make-amn-cam", data, one, *amn)
+    wsseg("make-amn-cam", data, two, *amn, processes=2)
+    names = sorted(p.name for p in (one / "amn_cams").glob("*.npz"))
+    assert names == sorted(f"{i}.npz" for i in _ids(data))
+    for name in names:
+        with np.load(one / "amn_cams" / name) as a, np.load(two / "amn_cams" / name) as b:
+            assert sorted(a.files) == sorted(b.files) == ["cam", "high_res", "keys", "plain"]
+            for key in a.files:
+                assert np.array_equal(a[key], b[key]), f"{name}: {key} differs between 1 and 2 processes"

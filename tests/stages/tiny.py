@@ -22,6 +22,9 @@ DATA_SEED = 3
 
 TINY = [
     "run.workers=0", "run.device=cpu",
+    # the plain CAM path, on which the floors below were set; AMN (the demo's seeds) has its own
+    # test on this run (test_cam_stages.py)
+    "cam.amn=false",
     "cam.epochs=20", "cam.batch_size=8", "cam.crop=64", "cam.resize_long=[56,80]", "cam.scales=[1.0,0.5]",
     "irn.epochs=8", "irn.batch_size=8", "irn.crop=64", "irn.radius=4",
     "labels.pad_to=64", "labels.radius=4",
