@@ -30,3 +30,10 @@ def load_checkpoint(path: Path, what: str) -> dict:
     except Exception as error:  # noqa: BLE001 - any damage or a refused pickle is the same to the user
         raise UserError(f"{path}: cannot load {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                         f"rerun the stage with --force") from None
+
+
+def load_trained(model: torch.nn.Module, path: Path, what: str) -> torch.nn.Module:
+    """`model` (built with the architecture the file was saved from) with the weights of a
+    stage's `{"model": state dict}` file, in eval mode."""
+    model.load_state_dict(load_checkpoint(path, what)["model"])
+    return model.eval()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from wsseg.checkpoints import load_checkpoint, save_checkpoint
+from wsseg.checkpoints import load_trained, save_checkpoint
 from wsseg.config import Config
 from wsseg.context import StageContext
 from wsseg.data.datasets import LabelledImages
@@ -46,10 +46,8 @@ def build_network(config: Config, store: RunStore | None, *, initialise: bool = 
 
 
 def load_network(config: Config, store: RunStore) -> AMNet:
-    payload = load_checkpoint(store.folder("amn") / "model.pt", "the trained AMN network")
-    model = build_network(config, None, initialise=False)
-    model.load_state_dict(payload["model"])
-    return model.eval()
+    return load_trained(build_network(config, None, initialise=False), store.folder("amn") / "model.pt",
+                        "the trained AMN network")
 
 
 def run(ctx: StageContext) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wsseg.checkpoints import load_checkpoint, save_checkpoint
+from wsseg.checkpoints import load_trained, save_checkpoint
 from wsseg.config import Config
 from wsseg.context import StageContext
 from wsseg.data.datasets import LabelledImages
@@ -37,18 +37,13 @@ def build_network(config: Config, store: RunStore | None, *, initialise: bool = 
                       trainable=("stem", "layer1", "layer2", "layer3", "layer4") if config.irn.train_backbone else ())
     if initialise:
         source = config.irn.backbone_init
-        if source == "cam":
-            load_weights(backbone, store.folder("cam") / "model.pt")
-        else:
-            load_weights(backbone, source)
+        load_weights(backbone, store.folder("cam") / "model.pt" if source == "cam" else source)
     return IRNet(backbone, train_backbone=config.irn.train_backbone)
 
 
 def load_network(config: Config, store: RunStore) -> IRNet:
-    payload = load_checkpoint(store.folder("irn") / "model.pt", "the trained IRN network")
-    model = build_network(config, None, initialise=False)
-    model.load_state_dict(payload["model"])
-    return model.eval()
+    return load_trained(build_network(config, None, initialise=False), store.folder("irn") / "model.pt",
+                        "the trained IRN network")
 
 
 def run(ctx: StageContext) -> dict:
