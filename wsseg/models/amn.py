@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsseg.models.backbones import ResNet
+from wsseg.models.cam import rescaled
 from wsseg.models.segmenters.common import ASPPSum
 
 _NORM_EPS = 1e-5  # AMN's make_amn_cam.py
@@ -81,9 +82,7 @@ def amn_loss(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
     for mask in (valid & (labels == 0), valid & (labels > 0)):
         if mask.any():
             terms.append(pixel_loss[mask].mean())
-    if not terms:
-        return logits.sum() * 0.0
-    return sum(terms) / 2.0 if len(terms) == 2 else terms[0] / 2.0
+    return sum(terms) / 2.0 if terms else logits.sum() * 0.0
 
 
 def amn_maps(model: AMNet, image: Tensor, keys: Tensor, tags: Tensor, confident_background: Tensor,
@@ -114,10 +113,7 @@ def amn_maps(model: AMNet, image: Tensor, keys: Tensor, tags: Tensor, confident_
             small = torch.zeros((model.num_classes + 1, *small_size), device=device)
             high = torch.zeros((model.num_classes + 1, height, width), device=device)
             for scale in scales:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                scaled = image[None].float()
-                if size != (height, width):
-                    scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False, antialias=True)
+                scaled, _ = rescaled(image, scale)
                 pair = torch.cat([scaled, scaled.flip(-1)])
                 logits = model(pair, tags[None].expand(2, -1).to(device))
                 logits = ((logits[0] + logits[1].flip(-1)) / 2)[None]

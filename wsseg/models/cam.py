@@ -257,6 +257,17 @@ def inference_network(model: CAMNet, *, channels_last: bool) -> CAMNet:
     return prepared.eval()
 
 
+def rescaled(image: Tensor, scale: float) -> tuple[Tensor, tuple[int, int]]:
+    """A (3, H, W) image as a batch of one (1, 3, h, w) at `scale` (bicubic with antialiasing,
+    like IRN's PIL resize), and its size."""
+    height, width = image.shape[1:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    scaled = image[None].float()
+    if size != (height, width):
+        scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return scaled, size
+
+
 class _ScaleSum:
     """IRN's make_cam bookkeeping for one image (3, H, W): per-scale maps added at stride 4
     (`cam`, ceil(H/4) x ceil(W/4)) and at the size padded to a multiple of 16 (`high_res`),
@@ -273,12 +284,7 @@ class _ScaleSum:
         self.high_res = torch.zeros((num_keys, *self.padded_size), device=image.device)
 
     def scaled(self, scale: float) -> tuple[Tensor, tuple[int, int]]:
-        """The image (1, 3, h, w) at `scale` (bicubic with antialiasing, like IRN's PIL resize) and its size."""
-        size = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
-        scaled = self.image[None].float()
-        if size != (self.height, self.width):
-            scaled = F.interpolate(scaled, size=size, mode="bicubic", align_corners=False, antialias=True)
-        return scaled, size
+        return rescaled(self.image, scale)
 
     def add(self, summed: Tensor, index: int | None = None) -> None:
         """Add one scale's flip-summed maps (K, h, w), or one class's (h, w) map at `index`."""

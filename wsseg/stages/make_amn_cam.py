@@ -23,7 +23,7 @@ from wsseg.models.amn import amn_maps
 from wsseg.stage import Stage
 from wsseg.stages import artifacts, make_cam
 from wsseg.stages.per_image import for_each_image, skipped_ids
-from wsseg.stages.train_amn import label_path, load_network
+from wsseg.stages.train_amn import LABELS, label_path, load_network
 from wsseg.store import write_json
 
 FOLDER = "amn_cams"
@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> dict:
     config = ctx.config
     dataset = artifacts.open_dataset(config)
     ids = artifacts.image_ids(config, "data.label_list", "data.eval_list")
-    ids = [i for i in ids if i not in skipped_ids(ctx.store.folder("amn/ir_labels"))]
+    ids = [i for i in ids if i not in skipped_ids(ctx.store.folder(LABELS))]
     model = load_network(config, ctx.store).to(ctx.device)
     folder = ctx.folder(FOLDER)
 
@@ -41,7 +41,7 @@ def run(ctx: StageContext) -> dict:
         cams = artifacts.read_cams(artifacts.cam_path(ctx.store, image_id))
         labels = artifacts.read_labels(label_path(ctx.store, image_id))
         if cams is None or labels is None:
-            raise UserError(f"cams/{image_id}.npz or amn/ir_labels/{image_id}.png is missing or damaged; rerun "
+            raise UserError(f"cams/{image_id}.npz or {LABELS}/{image_id}.png is missing or damaged; rerun "
                             f"make-cam and train-amn")
         image = torch.from_numpy(normalize(dataset.read_image(image_id))).permute(2, 0, 1).to(ctx.device)
         tags = torch.from_numpy(multi_hot_tags(dataset, image_id))
