@@ -55,6 +55,12 @@ RECIPES: dict[str, list[str]] = {
     "fickle3-epochs30": ["cam.epochs=30", "cam.fickle_window=3"],
     "recam-epochs30": ["cam.epochs=30", "cam.recam=true"],
     "amn-epochs30": ["cam.epochs=30", "cam.amn=true"],  # pipelines/demo.yaml's amn section
+    # the pooling that turns a class map into its score (the demo's: gap, IRN's)
+    "gmp-epochs30": ["cam.epochs=30", "cam.pooling=gmp"],
+    "lse-epochs30": ["cam.epochs=30", "cam.pooling=lse"],
+    # augmentation: the random long side before the 128 px crop (the demo's: 96-160 px, IRN's 320-640 / 4)
+    "no-rescale-epochs30": ["cam.epochs=30", "cam.resize_long=[128,128]"],
+    "wide-rescale-epochs30": ["cam.epochs=30", "cam.resize_long=[64,224]"],
 }
 
 BACKBONES = {

@@ -141,6 +141,11 @@ class CamSection:
     sweep: tuple[float, ...] = key(tuple(round(0.05 * i, 2) for i in range(1, 20)),
                                    "background scores swept when evaluating CAMs (0.05-0.95: CAMs trained from scratch peak "
                                    "above IRN's 0.60 ceiling); the report says when the best lies at an end")
+    pooling: str = key("gap", "how a class map becomes the class score in training: gap (global average, the CAM paper's "
+                              "and IRN's), gmp (global max, Oquab et al. 2015), lse (log-sum-exp, Pinheiro & Collobert 2015: "
+                              "between the two, pooling_r sets where)", choices=("gap", "gmp", "lse"), neutral="gap")
+    pooling_r: float = key(5.0, "lse pooling's sharpness r: (1/r) log mean exp(r x); -> gap as r -> 0, -> gmp as r grows",
+                           positive=True, neutral=5.0)
     dilations: tuple[int, ...] = key((), "multi-dilated CAM (Wei et al., CVPR 2018): 3x3 classification heads with these "
                                          "dilations beside the 1x1 one, e.g. [3, 6, 9]; the CAM adds their mean map. [] = IRN's head",
                                      low=1, neutral=())

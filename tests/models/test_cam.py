@@ -241,6 +241,42 @@ def test_sgd_steps_lower_cam_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.parametrize("pooling", ["gap", "gmp", "lse"])
+def test_pooled_logits_follow_the_definition_and_train(pooling):
+    """Every head's score is its (pre-ReLU) class map pooled: the mean, the max, or
+    (1/r) log mean exp(r x), written here per image and class; and the network learns under it."""
+    torch.manual_seed(0)
+    net = CAMNet(ResNet(18, width=0.25, strides=(1, 2, 2, 1)), NUM_CLASSES, dilations=(3,), pooling=pooling,
+                 pooling_r=4.0).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        features = net.backbone(x)["layer4"]
+        heads = net(x, branches=True)
+        maps = [F.conv2d(features, net.classifier.weight), F.conv2d(features, net.dilated[0].weight, padding=3, dilation=3)]
+    for k, head_map in enumerate(maps):
+        for b in range(2):
+            for c in range(NUM_CLASSES):
+                values = head_map[b, c].flatten().double()
+                expected = {"gap": values.mean(), "gmp": values.max(),
+                            "lse": torch.log(torch.exp(4.0 * values).mean()) / 4.0}[pooling]
+                assert abs(heads[b, k, c].item() - expected.item()) < 1e-4, (pooling, k, b, c)
+    net.train()
+    tags = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.float32)
+    losses = train_steps(net, x, tags, 8, lambda n, x, t: cam_loss(n(x, branches=True), t), lr=0.05)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_lse_pooling_lies_between_mean_and_max_and_tends_to_each():
+    maps = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    mean, top = maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))
+    lse = cam_module.pool_scores(maps, "lse", 5.0)
+    assert bool((lse >= mean - 1e-6).all() and (lse <= top + 1e-6).all())
+    torch.testing.assert_close(cam_module.pool_scores(maps, "lse", 1e-3), mean, atol=1e-3, rtol=0)
+    torch.testing.assert_close(cam_module.pool_scores(maps, "lse", 1e4), top, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="pooling"):
+        CAMNet(ResNet(18, width=0.25), NUM_CLASSES, pooling="median")
+
+
 def test_param_groups_split_backbone_and_heads():
     net = CAMNet(ResNet(18, width=0.25, trainable=("layer3", "layer4")), NUM_CLASSES, recam=True)
     backbone, heads = net.param_groups()

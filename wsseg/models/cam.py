@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from collections.abc import Sequence
 
@@ -83,6 +84,20 @@ class FickleHead(nn.Module):
         return scores
 
 
+def pool_scores(maps: Tensor, pooling: str = "gap", r: float = 5.0) -> Tensor:
+    """Class maps (B, K, h, w) -> class scores (B, K): gap = the spatial mean (the CAM paper's and
+    IRN's), gmp = the spatial max, lse = (1/r) log mean exp(r x) (Pinheiro & Collobert), which
+    tends to gap as r -> 0 and to gmp as r grows."""
+    flat = maps.flatten(2)
+    if pooling == "gap":
+        return flat.mean(dim=2)
+    if pooling == "gmp":
+        return flat.amax(dim=2)
+    if pooling == "lse":
+        return (torch.logsumexp(r * flat, dim=2) - math.log(flat.shape[2])) / r
+    raise ValueError(f"unknown pooling {pooling!r}: gap, gmp or lse")
+
+
 class CAMNet(nn.Module):
     """ResNet + GAP + 1x1 classifier (no bias); optionally ReCAM's second classifier.
 
@@ -92,11 +107,16 @@ class CAMNet(nn.Module):
         num_classes: number of foreground classes C (channel k is 0-based class k).
         recam: add ReCAM's classifier (`recam_classifier`); cams() then returns
             ReCAM's map by default.
+        pooling, pooling_r: how every head's class map becomes its training score
+            (pool_scores; IRN: gap).
     """
 
     def __init__(self, backbone: ResNet, num_classes: int, *, recam: bool = False,
-                 dilations: Sequence[int] = (), fickle_window: int = 0, fickle_dropout: float = 0.9) -> None:
+                 dilations: Sequence[int] = (), fickle_window: int = 0, fickle_dropout: float = 0.9,
+                 pooling: str = "gap", pooling_r: float = 5.0) -> None:
         super().__init__()
+        pool_scores(torch.zeros(1, 1, 1, 1), pooling, pooling_r)  # an unknown pooling fails here, not in training
+        self.pooling, self.pooling_r = pooling, pooling_r
         self.backbone = backbone
         self.num_classes = num_classes
         self.recam = recam
@@ -129,12 +149,16 @@ class CAMNet(nn.Module):
         the CAM and its max). Use them with recam_loss().
         """
         features = self.backbone(x)["layer4"]
+        pool = functools.partial(pool_scores, pooling=self.pooling, r=self.pooling_r)
         if self.fickle is not None:  # dropout on in training only: eval() gives the deterministic scores
-            logits = self.fickle(features, stochastic=self.training).mean(dim=(2, 3))
+            logits = pool(self.fickle(features, stochastic=self.training))
             return logits[:, None] if branches else logits
-        logits = self.classifier(features.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        if self.pooling == "gap":  # the classifier is linear: pooling the features first is the same, and cheaper
+            logits = self.classifier(features.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        else:
+            logits = pool(self.classifier(features))
         if self.dilations:
-            heads = [logits] + [head(features).mean(dim=(2, 3)) for head in self.dilated]
+            heads = [logits] + [pool(head(features)) for head in self.dilated]
             stacked = torch.stack(heads, dim=1)
             return stacked if branches else stacked.mean(dim=1)
         if branches:

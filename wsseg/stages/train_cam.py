@@ -36,7 +36,8 @@ def build_network(config: Config, *, load_pretrained: bool = True) -> CAMNet:
     if load_pretrained:
         load_weights(backbone, config.backbone.weights)
     return CAMNet(backbone, len(config.data.classes), recam=config.cam.recam, dilations=config.cam.dilations,
-                  fickle_window=config.cam.fickle_window, fickle_dropout=config.cam.fickle_dropout)
+                  fickle_window=config.cam.fickle_window, fickle_dropout=config.cam.fickle_dropout,
+                  pooling=config.cam.pooling, pooling_r=config.cam.pooling_r)
 
 
 def load_network(config: Config, store: RunStore) -> CAMNet:
