@@ -107,8 +107,8 @@ def run_one(recipe: str, backbone: str, data_seed: int, train_seed: int, classes
         "train_seconds": cam_record["seconds"], "seconds_this_call": round(time.monotonic() - started, 1),
     }
     result["make_cam_seconds_per_image"] = round(store.record("cams")["seconds"] / store.record("cams")["items"]["total"], 3)
-    if config.cam.amn:  # AMN's maps are the seeds: their numbers beside the CAMs', and its cost
-        amn_maps = store.record("amn_cams")
+    amn_maps = store.record("amn_cams") if config.cam.amn else None
+    if amn_maps:  # AMN's maps are the seeds (when the run went past make-cam): their numbers beside the CAMs', and its cost
         result.update(seed_best=amn_maps["metrics"]["best_miou"], seed_relative=amn_maps["metrics"]["miou_relative"],
                       train_amn_seconds=store.record("amn")["seconds"],
                       make_amn_cam_seconds_per_image=round(amn_maps["seconds"] / amn_maps["items"]["total"], 3))

@@ -86,6 +86,17 @@ def semantic_labels(scores: torch.Tensor, keys: np.ndarray, background: torch.Te
     return class_ids[scores.argmax(dim=0).cpu().numpy()]
 
 
+def background_level(scores: torch.Tensor | np.ndarray, unit: torch.Tensor | np.ndarray | float, level: float,
+                     share: float) -> float:
+    """The background `level` (labels.sem_background or ins_background), raised where it would
+    leave less than `share` (labels.min_background) of the image background: to the quantile of
+    the best score (in `unit`s) at that share, so the lowest-scoring pixels become background."""
+    if share <= 0 or scores.shape[0] == 0:
+        return level
+    best = torch.as_tensor(scores).max(dim=0).values / torch.as_tensor(unit)
+    return max(level, torch.quantile(best.flatten().float(), share).item())
+
+
 def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Config, device: torch.device,
                power: float = 1.0) -> dict:
     """All labels of one image; returns arrays ready to write. `power`: the relative-mode CAM exponent."""
@@ -98,14 +109,16 @@ def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Co
     keys = cams["keys"]
     size = (height, width)
     scores, unit = walk_scores(cam, boundary, size, config)
-    semantic = semantic_labels(scores, keys, config.labels.sem_background * unit)
+    labels = config.labels
+    semantic = semantic_labels(scores, keys, background_level(scores, unit, labels.sem_background, labels.min_background) * unit)
 
     displacement_np = displacement.float().cpu().numpy()
     groups = centroid_groups(displacement_np, num_steps=config.labels.displacement_steps,
                              centroid_threshold=config.labels.centroid_threshold)
     seeds, seed_classes, _ = instance_seeds(cam.cpu().numpy(), keys, groups)
     planes, unit = instance_scores(seeds, boundary, size, config)
-    ids, classes, scores = instances_from_walk(planes, seed_classes, background=config.labels.ins_background * unit,
+    level = background_level(planes, unit, labels.ins_background, labels.min_background)
+    ids, classes, scores = instances_from_walk(planes, seed_classes, background=level * unit,
                                                normalise=False, min_area_fraction=config.labels.min_instance_area)
     segments, segments_info = panoptic_from_instances(ids, classes)
     return {"semantic": semantic, "ids": ids, "classes": classes, "scores": scores, "segments": segments,
