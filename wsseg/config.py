@@ -229,7 +229,7 @@ class LabelsSection:
     cam_power: float = key(1.0, "CAM exponent before the walk (AdvCAM etc. use 1.3-1.5)", positive=True)
     sem_background: float = key(0.25, "background score for semantic labels after the walk (IRN: 0.25)", low=0.0, high=1.0)
     ins_background: float = key(0.25, "background score for instance labels after the walk", low=0.0, high=1.0)
-    min_background: float = key(0.0, "at least this share of every image is background in the semantic and instance labels: where "
+    min_background: float = key(0.0, "at least this share of every image is background in the semantic labels: where "
                                      "the walk leaves less, the level rises to the walked scores' quantile at this share "
                                      "(the lowest-scoring pixels). 0 = off (IRN)", low=0.0, high=0.99, neutral=0.0)
     walk_background: bool = key(False, "compare each walked CAM with the background level walked the same way (a local "

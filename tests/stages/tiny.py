@@ -22,9 +22,10 @@ DATA_SEED = 3
 
 TINY = [
     "run.workers=0", "run.device=cpu",
-    # the plain CAM path, on which the floors below were set; AMN (the demo's seeds) has its own
-    # test on this run (test_cam_stages.py)
-    "cam.amn=false",
+    # the plain CAM path and IRN's background rule, on which the floors below were set; AMN (the
+    # demo's seeds) has its own test on this run (test_cam_stages.py), the minimum background
+    # share its own in test_label_rules.py
+    "cam.amn=false", "labels.min_background=0.0",
     "cam.epochs=20", "cam.batch_size=8", "cam.crop=64", "cam.resize_long=[56,80]", "cam.scales=[1.0,0.5]",
     "irn.epochs=8", "irn.batch_size=8", "irn.crop=64", "irn.radius=4",
     "labels.pad_to=64", "labels.radius=4",

@@ -86,14 +86,14 @@ def semantic_labels(scores: torch.Tensor, keys: np.ndarray, background: torch.Te
     return class_ids[scores.argmax(dim=0).cpu().numpy()]
 
 
-def background_level(scores: torch.Tensor | np.ndarray, unit: torch.Tensor | np.ndarray | float, level: float,
-                     share: float) -> float:
-    """The background `level` (labels.sem_background or ins_background), raised where it would
+def background_level(scores: torch.Tensor, unit: torch.Tensor | float, level: float, share: float) -> float:
+    """The semantic labels' background `level` (labels.sem_background), raised where it would
     leave less than `share` (labels.min_background) of the image background: to the quantile of
-    the best score (in `unit`s) at that share, so the lowest-scoring pixels become background."""
+    the best class score (in `unit`s) at that share, so the lowest-scoring pixels become background.
+    (Measured on the instance labels too, it changed PQ by -0.009 to +0.001 on five demo seeds: not used there.)"""
     if share <= 0 or scores.shape[0] == 0:
         return level
-    best = torch.as_tensor(scores).max(dim=0).values / torch.as_tensor(unit)
+    best = scores.max(dim=0).values / unit
     return max(level, torch.quantile(best.flatten().float(), share).item())
 
 
@@ -117,8 +117,7 @@ def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Co
                              centroid_threshold=config.labels.centroid_threshold)
     seeds, seed_classes, _ = instance_seeds(cam.cpu().numpy(), keys, groups)
     planes, unit = instance_scores(seeds, boundary, size, config)
-    level = background_level(planes, unit, labels.ins_background, labels.min_background)
-    ids, classes, scores = instances_from_walk(planes, seed_classes, background=level * unit,
+    ids, classes, scores = instances_from_walk(planes, seed_classes, background=labels.ins_background * unit,
                                                normalise=False, min_area_fraction=config.labels.min_instance_area)
     segments, segments_info = panoptic_from_instances(ids, classes)
     return {"semantic": semantic, "ids": ids, "classes": classes, "scores": scores, "segments": segments,
