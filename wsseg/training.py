@@ -43,8 +43,22 @@ def adam(groups: list[tuple[list[nn.Parameter], float]], *, weight_decay: float)
     return torch.optim.Adam(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
 
 
-def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int, power: float = 0.9) -> None:
+def adamw(groups: list[tuple[list[nn.Parameter], float]], *, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay, applied as lr·weight_decay·w each step) over (params, lr)
+    groups, each remembering its base lr like sgd()'s."""
+    param_groups = [{"params": params, "lr": lr, "base_lr": lr} for params, lr in groups if params]
+    if not param_groups:
+        raise UserError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int, power: float = 0.9,
+                warmup_steps: int = 0) -> None:
+    """lr = base_lr·(1 − step/max_steps)^power, times a linear ramp (step+1)/warmup_steps over the
+    first `warmup_steps` steps."""
     factor = (1.0 - min(step, max_steps) / max_steps) ** power
+    if step < warmup_steps:
+        factor *= (step + 1) / warmup_steps
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
 
@@ -104,13 +118,17 @@ def _move(batch: dict, device: torch.device) -> dict:
 
 def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, batch_size: int,
           epochs: int, loss_fn: LossFn, checkpoint: Path, seed: int, after_step: Callable[[nn.Module, dict, int, int], None] | None = None,
-          phase: str = "train", lr_power: float = 0.9) -> TrainResult:
+          phase: str = "train", lr_power: float = 0.9, warmup_steps: int = 0,
+          after_epoch: Callable[[nn.Module, int], dict[str, float]] | None = None) -> TrainResult:
     """Train `model` for `epochs`, resuming from `checkpoint` if it exists.
 
     `loss_fn(model, batch)` returns named loss terms including "total". The model may be
     wrapped in DDP inside; `loss_fn` must only call it (and read `.module` for attributes).
     `after_step(model, batch, step, max_steps)` runs after each optimiser step (e.g. a
-    memory update). `lr_power`: the poly schedule's power (0 keeps every lr constant).
+    memory update). `lr_power`: the poly schedule's power (0 keeps every lr constant);
+    `warmup_steps`: a linear ramp of every lr over the first steps. `after_epoch(model, epoch)`
+    runs after each epoch (epoch counted from 1) and returns extra curve values (e.g. a
+    validation score), appended to the curves and kept in the checkpoint like the losses.
     Returns the loss curves; the model's weights are trained in place.
     """
     loader = make_loader(ctx, dataset, batch_size, seed=seed)
@@ -148,7 +166,7 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
         bar = ctx.progress(total=steps_per_epoch, desc=f"{ctx.name} {phase} epoch {epoch + 1}/{epochs}")
         for index, batch in enumerate(loader):
             step = epoch * steps_per_epoch + index
-            set_poly_lr(optimizer, step, max_steps, lr_power)
+            set_poly_lr(optimizer, step, max_steps, lr_power, warmup_steps)
             batch = _move(batch, ctx.device)
             with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 terms = loss_fn(trained, batch)
@@ -172,6 +190,9 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
             bar.update(1, postfix=f"loss {float(total.detach()):.4f}")
         bar.close()
         means = {name: _global_mean(ctx, value / max(count, 1)) for name, value in sums.items()}
+        if after_epoch is not None:
+            means.update(after_epoch(model, epoch + 1))
+            trained.train()
         for name, value in means.items():
             result.curves.setdefault(name, []).append(round(value, 6))
         ctx.log.info("%s: %s epoch %d/%d %s", ctx.name, phase, epoch + 1, epochs,
