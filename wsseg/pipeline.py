@@ -55,8 +55,9 @@ def stage_by_name(name: str) -> Stage:
 
 
 def active_needs(stage: Stage, config: Config) -> tuple[str, ...]:
-    """The stages `stage` reads under this config: its needs less those switched off."""
-    return tuple(need for need in stage.needs if stage_by_name(need).is_on(config))
+    """The stages `stage` reads under this config: its needs less those switched off or unused (Stage.uses)."""
+    return tuple(need for need in stage.needs
+                 if stage_by_name(need).is_on(config) and (stage.uses is None or stage.uses(config, need)))
 
 
 def evaluator_by_name(name: str) -> tuple[Stage, Any]:

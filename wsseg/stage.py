@@ -51,6 +51,10 @@ class Stage:
     # stage is "off": run-all passes it by, and the stages that list it in `needs` do without it
     # (their fingerprints are then what they were before the stage existed).
     switch: str | None = None
+    # (config, need) -> whether this config reads that need at all (default: every listed need);
+    # a need it does not read is neither required to be done nor part of its fingerprint
+    # (train-segmenter on ground-truth masks alone needs no pseudo labels).
+    uses: Callable[["Config", str], bool] | None = None
     # Config selectors that change its result: "cam" (a whole section), "cam.scales" (one key),
     # "-cam.sweep" (leave one out of a selected section); plus the contents of every
     # data.*_list selected. They, the version and the needs' fingerprints make its fingerprint.
