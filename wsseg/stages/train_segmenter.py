@@ -32,7 +32,7 @@ from wsseg.stages import artifacts
 from wsseg.stages.panoptic import PseudoPanoptic, TruePanoptic, evaluate_panoptic, is_panoptic, targets_from_codes
 from wsseg.stages.synthesize_labels import Paths as LabelPaths
 from wsseg.store import RunStore, write_json
-from wsseg.training import seed_everything, sgd, train
+from wsseg.training import adamw, seed_everything, sgd, train
 
 
 def label_sources(config: Config) -> tuple[str, ...]:
@@ -73,6 +73,33 @@ def load_network(config: Config, store: RunStore, source: str) -> nn.Module:
     return model.eval()
 
 
+def training_seed(config: Config) -> int:
+    return config.run.seed if config.segmenter.seed is None else config.segmenter.seed
+
+
+def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """`segmenter.optimizer` over the model's (backbone, heads) groups at lr and lr·head_lr_mult."""
+    segmenter = config.segmenter
+    backbone_params, head_params = model.param_groups()
+    groups = [(backbone_params, segmenter.lr), (head_params, segmenter.lr * segmenter.head_lr_mult)]
+    if segmenter.optimizer == "adamw":
+        return adamw(groups, weight_decay=segmenter.weight_decay)
+    return sgd(groups, momentum=segmenter.momentum, weight_decay=segmenter.weight_decay)
+
+
+def validation_miou(config: Config, model: nn.Module, device: torch.device) -> float:
+    """Single-scale val mIoU of `model` (switched to eval mode) against the val list's masks."""
+    dataset = artifacts.open_dataset(config)
+    ids = artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.val_list"))
+    matrix = ConfusionMatrix(len(config.data.classes) + 1)
+    model.eval()
+    for image_id in ids:
+        labels, _ = predict_labels(model, dataset.read_image(image_id), device=device, mode="single", scales=(1.0,),
+                                   window=config.segmenter.window or None)
+        matrix.update(labels, dataset.read_semantic(image_id))
+    return matrix.summary()["miou"]
+
+
 def _unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
@@ -91,8 +118,9 @@ def train_one(ctx: StageContext, source: str) -> dict:
         reader = TruePanoptic(dataset) if panoptic else dataset.read_semantic
     else:
         reader = PseudoPanoptic(str(ctx.store.root)) if panoptic else PseudoLabels(str(ctx.store.root))
+    seed = training_seed(config)
     images = LabelledImages(dataset, ids, reader, SegmentationAugment(scale_range=segmenter.scale_range, crop_size=segmenter.crop),
-                            seed=config.run.seed)
+                            seed=seed)
     per_process = segmenter.batch_size // ctx.dist.world_size
     if per_process < 2 and not (segmenter.sync_bn and ctx.dist.enabled):
         raise UserError(f"segmenter.batch_size: {segmenter.batch_size} gives {per_process} image per process; BatchNorm "
@@ -103,9 +131,7 @@ def train_one(ctx: StageContext, source: str) -> dict:
     model.begin_training(steps_per_epoch=steps_per_epoch, max_steps=epochs * steps_per_epoch)
     if segmenter.sync_bn and ctx.dist.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    backbone_params, head_params = model.param_groups()
-    optimizer = sgd([(backbone_params, segmenter.lr), (head_params, segmenter.lr * segmenter.head_lr_mult)],
-                    momentum=segmenter.momentum, weight_decay=segmenter.weight_decay)
+    optimizer = make_optimizer(config, model)
 
     def loss_fn(net, batch):
         outputs = net(batch["image"])
@@ -118,21 +144,27 @@ def train_one(ctx: StageContext, source: str) -> dict:
         with torch.no_grad():
             _unwrap(net).after_step(batch["_outputs"], batch["label"], step, max_steps)
 
+    # The val curve: single-scale val mIoU every `val_every` epochs and at the last (main process only).
+    def after_epoch(net, epoch):
+        if not (segmenter.val_every and ctx.dist.is_main and (epoch % segmenter.val_every == 0 or epoch == epochs)):
+            return {}
+        return {"val_epoch": epoch, "val_miou": validation_miou(config, _unwrap(net), ctx.device)}
+
     folder = folder_of(ctx.store, config, source)
     folder.mkdir(parents=True, exist_ok=True)
     result = train(ctx, model=model, optimizer=optimizer, dataset=images, batch_size=segmenter.batch_size, epochs=epochs,
-                   loss_fn=loss_fn, checkpoint=folder / "checkpoint.pt", seed=config.run.seed, after_step=after_step,
-                   phase=f"{segmenter.model} on {source} labels")
+                   loss_fn=loss_fn, checkpoint=folder / "checkpoint.pt", seed=seed, after_step=after_step,
+                   phase=f"{segmenter.model} on {source} labels", warmup_steps=segmenter.warmup, after_epoch=after_epoch)
     model = model.cpu().eval()
     if ctx.dist.is_main:
         save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "model_name": segmenter.model})
-    return {"curves": result.curves, "train_images": len(ids), "epochs": epochs,
+    return {"curves": result.curves, "train_images": len(ids), "epochs": epochs, "steps": result.steps,
             "images_per_second": round(result.images_per_second, 2)}
 
 
 def run(ctx: StageContext) -> dict:
     config = ctx.config
-    seed_everything(config.run.seed)
+    seed_everything(training_seed(config))
     metrics: dict = {"model": config.segmenter.model}
     curves: dict = {}
     for source in label_sources(config):
@@ -241,10 +273,11 @@ STAGE = Stage(
     # one folder per model: several models live side by side in one run directory
     outputs=lambda config: (f"segmenter/{config.segmenter.model}",),
     needs=("synthesize-labels",),
+    uses=lambda config, need: config.segmenter.labels != "gt",  # ground truth alone needs no pseudo labels
     # the chosen model's options only: another model's options do not change this one
     reads=lambda config: ("run.seed", "data.root", "data.classes", "data.segmenter_train_list", "data.val_list",
                           "segmenter", "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode",
-                          "-segmenter.window", "-segmenter.sync_bn", "-segmenter.options",
+                          "-segmenter.window", "-segmenter.sync_bn", "-segmenter.val_every", "-segmenter.options",
                           f"segmenter.options.{config.segmenter.model}"),
     headline="miou",
     quality=quality,
