@@ -98,22 +98,48 @@ def _corner_aligned_indices(source: int, target: int, device: torch.device) -> T
     return (2 * index * (source - 1) + (target - 1)) // (2 * (target - 1))
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, size_from: str = "label") -> Tensor:
+def cross_entropy(logits: Tensor, labels: Tensor, size_from: str = "label", relax: int = 0) -> Tensor:
     """Mean per-pixel cross-entropy over pixels whose label is not 255; a float32 scalar.
 
     logits (B, K, h, w); labels (B, H, W) int64 in 0..K−1 or 255. size_from="label":
     the logits are upsampled to H x W (bilinear, align_corners=False: the toolboxes'
     loss); "logits": the labels are downsampled to h x w with `downsample_labels`
     (DeepLab v1/v2). A batch with no labelled pixel gives 0 (with a graph), not NaN.
+    relax > 0: boundary label relaxation (`relaxed_nll`) with a window of that radius in
+    input (label) pixels, scaled to the logits' grid when size_from="logits" (at least 1).
     """
+    height = labels.shape[-2]
     if size_from == "label":
         logits = upsample_to(logits, labels.shape[-2:])
     elif size_from == "logits":
         labels = downsample_labels(labels, logits.shape[-2:])
     else:
         raise ValueError(f"size_from must be 'label' or 'logits', got {size_from!r}")
-    summed = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+    if relax > 0:
+        radius = relax if size_from == "label" else max(1, round(relax * labels.shape[-2] / height))
+        summed = relaxed_nll(logits, labels, radius).sum()
+    else:
+        summed = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
     return summed / (labels != IGNORE).sum().clamp(min=1)
+
+
+def relaxed_nll(logits: Tensor, labels: Tensor, radius: int) -> Tensor:
+    """Boundary label relaxation (Zhu et al., CVPR 2019): per pixel −log Σ_{c ∈ N} softmax_c, where
+    N is the set of labels found in the (2·radius+1)² window around it (255 contributes none).
+
+    Inside a region N is the pixel's own label and this is the cross-entropy; on a boundary the
+    network may put the mass on any class that meets there, so a label boundary drawn a few
+    pixels off costs nothing. logits (B, K, H, W), labels (B, H, W) at the same size -> (B, H, W)
+    float32, 0 where the label is 255.
+    """
+    num_classes = logits.shape[1]
+    valid = labels != IGNORE
+    onehot = F.one_hot(labels.where(valid, 0), num_classes).permute(0, 3, 1, 2).float() * valid[:, None]
+    allowed = F.max_pool2d(onehot, 2 * radius + 1, stride=1, padding=radius) > 0
+    allowed = allowed | ~valid[:, None]  # ignored pixels: any class (a finite value, masked out below)
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    loss = -torch.logsumexp(log_probs.masked_fill(~allowed, float("-inf")), dim=1)
+    return loss.where(valid, torch.zeros_like(loss))
 
 
 class AuxHead(nn.Module):
@@ -212,10 +238,14 @@ class Segmenter(nn.Module):
       aux_weight: weight of the aux term in "total" (0.4, PSPNet's).
       label_size_from: "label" (logits upsampled to the label: the toolboxes) or
         "logits" (labels downsampled to the logits: DeepLab v1/v2); see cross_entropy.
+    Instance attribute set by train-segmenter:
+      label_relaxation: boundary label relaxation radius in input pixels for every
+        pixel-wise term (`pixel_loss`); 0 = plain cross-entropy.
     """
 
     aux_weight: float = 0.4
     label_size_from: str = "label"
+    label_relaxation: int = 0
     backbone: ResNet
     aux_head: AuxHead | None
 
@@ -235,13 +265,18 @@ class Segmenter(nn.Module):
     def loss(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         """Terms "main" (CE of "out") and, if present, "aux" (CE of "aux", unweighted);
         "total" = main + aux_weight·aux. labels (B, H, W) int64, 255 ignored."""
-        terms = {"main": cross_entropy(outputs["out"], labels, self.label_size_from)}
+        terms = {"main": self.pixel_loss(outputs["out"], labels)}
         total = terms["main"]
         if "aux" in outputs:
-            terms["aux"] = cross_entropy(outputs["aux"], labels, self.label_size_from)
+            terms["aux"] = self.pixel_loss(outputs["aux"], labels)
             total = total + self.aux_weight * terms["aux"]
         terms["total"] = total
         return terms
+
+    def pixel_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The per-pixel classification loss of every labelled output: cross-entropy at
+        `label_size_from`, with boundary label relaxation when `label_relaxation` > 0."""
+        return cross_entropy(logits, labels, self.label_size_from, relax=self.label_relaxation)
 
     def predict(self, x: Tensor) -> Tensor:
         """x (B, 3, H, W) -> main logits (B, num_classes, H, W), bilinearly upsampled; no

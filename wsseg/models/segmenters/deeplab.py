@@ -26,7 +26,6 @@ from wsseg.models.segmenters.common import (
     Segmenter,
     classifier,
     conv_bn_relu,
-    cross_entropy,
     head_channels,
     upsample_to,
 )
@@ -124,7 +123,7 @@ class DeepLabV2(Segmenter):
         if self.msc:
             for scale in MSC_SCALES:
                 key = _scale_key(scale)
-                terms[key] = cross_entropy(outputs[key], labels, self.label_size_from)
+                terms[key] = self.pixel_loss(outputs[key], labels)
                 terms["total"] = terms["total"] + terms[key]
         return terms
 

@@ -39,7 +39,6 @@ from wsseg.models.segmenters.common import (
     Segmenter,
     classifier,
     conv_bn_relu,
-    cross_entropy,
     downsample_labels,
     head_channels,
 )
@@ -224,8 +223,8 @@ class MCIBI(Segmenter):
         255 ignored. "memory": CE of `memory_logits` rows against their class index,
         mean over initialised classes, once `memory_loss_active`; 0 before (the key is
         always there, so per-epoch curves keep one set of names)."""
-        terms = {"main": cross_entropy(outputs["out"], labels),
-                 "stage1": cross_entropy(outputs["stage1"], labels)}
+        terms = {"main": self.pixel_loss(outputs["out"], labels),
+                 "stage1": self.pixel_loss(outputs["stage1"], labels)}
         memory_logits = outputs["memory_logits"]
         rows = self.initialised.nonzero().flatten()
         if self.memory_loss_active and rows.numel() > 0:
@@ -235,7 +234,7 @@ class MCIBI(Segmenter):
             terms["memory"] = (memory_logits * 0.0).sum()
         total = terms["main"] + STAGE1_WEIGHT * terms["stage1"] + MEMORY_WEIGHT * terms["memory"]
         if "aux" in outputs:
-            terms["aux"] = cross_entropy(outputs["aux"], labels)
+            terms["aux"] = self.pixel_loss(outputs["aux"], labels)
             total = total + self.aux_weight * terms["aux"]
         terms["total"] = total
         return terms
