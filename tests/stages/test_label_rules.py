@@ -6,7 +6,8 @@ import torch
 
 from wsseg.config import load_config
 from wsseg.ops.instances import instances_from_walk
-from wsseg.stages.synthesize_labels import background_level, semantic_labels, walk_scores, walk_to_full_size
+from wsseg.stages.synthesize_labels import (background_level, background_margin, semantic_labels, walk_scores,
+                                            walk_to_full_size)
 
 SIZE = (64, 64)  # full resolution; the stride-4 maps are 16 x 16
 
@@ -81,6 +82,25 @@ def test_min_background_gives_the_lowest_scoring_share_to_background_only_when_s
     cam, boundary = square_with_boundary()  # ~86 % background already
     scores, unit = walk_scores(cam, boundary, SIZE, config(walk_background))
     assert background_level(scores, unit, 0.2, 0.3) == 0.2
+
+
+@pytest.mark.parametrize("walk_background", [False, True])
+def test_background_margin_is_the_distance_of_the_deciding_score_to_the_level(walk_background):
+    """labels/margin: |best class score − background level| in the walk's units, clipped to 1."""
+    cam, boundary = square_with_boundary()
+    scores, unit = walk_scores(cam * 0.6, boundary, SIZE, config(walk_background))
+    level = 0.25
+    labels = semantic_labels(scores, np.array([0]), level * unit)
+    margin = background_margin(scores, unit, level)
+    best = (scores.max(dim=0).values / unit).numpy()
+    np.testing.assert_allclose(margin, np.clip(np.abs(best - level), 0, 1), atol=1e-6)
+    # where two neighbours' labels differ their scores straddle the level: each margin is at most the step
+    assert (labels == 1).any() and (labels == 0).any()
+    differs = labels[:-1] != labels[1:]
+    step = np.abs(best[:-1] - best[1:])
+    assert differs.any()
+    assert (margin[:-1][differs] <= step[differs] + 1e-6).all() and (margin[1:][differs] <= step[differs] + 1e-6).all()
+    assert (background_margin(scores[:0], unit, level) == 1).all()  # no class: background everywhere, certain
 
 
 def test_instances_take_a_background_plane():

@@ -41,6 +41,7 @@ class Paths:
     def __init__(self, store: RunStore, image_id: str):
         labels = store.folder("labels")
         self.semantic = labels / "semantic" / f"{image_id}.png"
+        self.margin = labels / "margin" / f"{image_id}.png"  # the semantic labels' background margin x 255
         self.instance = labels / "instance" / f"{image_id}.npz"
         self.panoptic = labels / "panoptic" / f"{image_id}.png"
         self.segments = labels / "panoptic" / f"{image_id}.json"  # written last: its presence means the image is done
@@ -97,6 +98,16 @@ def background_level(scores: torch.Tensor, unit: torch.Tensor | float, level: fl
     return max(level, torch.quantile(best.flatten().float(), share).item())
 
 
+def background_margin(scores: torch.Tensor, unit: torch.Tensor | float, level: float) -> np.ndarray:
+    """How far each pixel's best class score (in `unit`s) lies from the background `level` that
+    decided its semantic label, clipped to [0, 1]: (H, W) float32. Near 0 the label could have
+    gone either way (background or object); an image with no class is background everywhere (1)."""
+    if scores.shape[0] == 0:
+        return np.ones(scores.shape[1:], np.float32)
+    best = scores.max(dim=0).values / unit
+    return (best - level).abs().clamp(0.0, 1.0).float().cpu().numpy()
+
+
 def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Config, device: torch.device,
                power: float = 1.0) -> dict:
     """All labels of one image; returns arrays ready to write. `power`: the relative-mode CAM exponent."""
@@ -110,7 +121,9 @@ def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Co
     size = (height, width)
     scores, unit = walk_scores(cam, boundary, size, config)
     labels = config.labels
-    semantic = semantic_labels(scores, keys, background_level(scores, unit, labels.sem_background, labels.min_background) * unit)
+    level = background_level(scores, unit, labels.sem_background, labels.min_background)
+    semantic = semantic_labels(scores, keys, level * unit)
+    margin = background_margin(scores, unit, level)
 
     displacement_np = displacement.float().cpu().numpy()
     groups = centroid_groups(displacement_np, num_steps=config.labels.displacement_steps,
@@ -120,7 +133,7 @@ def synthesize(model, image: np.ndarray, cams: dict[str, np.ndarray], config: Co
     ids, classes, scores = instances_from_walk(planes, seed_classes, background=labels.ins_background * unit,
                                                normalise=False, min_area_fraction=config.labels.min_instance_area)
     segments, segments_info = panoptic_from_instances(ids, classes)
-    return {"semantic": semantic, "ids": ids, "classes": classes, "scores": scores, "segments": segments,
+    return {"semantic": semantic, "margin": margin, "ids": ids, "classes": classes, "scores": scores, "segments": segments,
             "segments_info": segments_info, "boundary": boundary.cpu().numpy(), "displacement": displacement_np,
             "groups": groups}
 
@@ -141,7 +154,7 @@ def run(ctx: StageContext) -> dict:
     ids = [i for i in ids if i not in skipped_ids(ctx.store.folder(artifacts.seed_folder(config)))]
     model = load_network(config, ctx.store).to(ctx.device)
     power = cam_power(config, ctx.store)
-    for sub in ("semantic", "instance", "panoptic"):
+    for sub in ("semantic", "margin", "instance", "panoptic"):
         ctx.folder(f"labels/{sub}")
     ctx.folder("irn/boundary")
     ctx.folder("irn/displacement")
@@ -158,6 +171,7 @@ def run(ctx: StageContext) -> dict:
             tmp.write_bytes(artifacts.encode_npz(displacement=out["displacement"].astype(np.float16),
                                                  groups=out["groups"].astype(np.int32)))
         artifacts.write_labels(paths.semantic, out["semantic"])
+        artifacts.write_labels(paths.margin, np.round(out["margin"] * 255).astype(np.uint8))
         with atomic_path(paths.instance) as tmp:
             tmp.write_bytes(artifacts.encode_npz(ids=out["ids"].astype(np.uint16), classes=out["classes"].astype(np.int64),
                                                  scores=out["scores"].astype(np.float32)))
@@ -194,7 +208,7 @@ def damaged(config: Config, store: RunStore) -> list[str]:
         if image_id in skipped:
             continue
         paths = Paths(store, image_id)
-        files = (paths.segments, paths.semantic, paths.panoptic, paths.boundary, paths.instance, paths.displacement)
+        files = (paths.segments, paths.semantic, paths.margin, paths.panoptic, paths.boundary, paths.instance, paths.displacement)
         if not all(artifacts.is_whole(path) for path in files):
             bad.append(image_id)
     return bad
@@ -342,6 +356,7 @@ STAGE = Stage(
     quality=quality,
     evaluators={"semantic": evaluate_semantic, "instance": evaluate_instance, "panoptic": evaluate_panoptic},
     damaged=damaged,
+    version=2,  # 2: labels/margin (the semantic labels' background margin, for segmenter.ignore_band)
     count_done=count_done,
     inspect_tiles=inspect_tiles,
     label_map=label_map,
