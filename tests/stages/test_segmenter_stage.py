@@ -65,6 +65,47 @@ def test_a_segmenter_trained_on_ground_truth_learns_the_validation_images(labels
         pipeline.run_stage(train_segmenter.STAGE, tiny_config(labels_run.data.root, tmp_path / "run"))
 
 
+def test_noisy_label_options_train_on_pseudo_labels_only(labels_run, tmp_path):
+    """label_relaxation, gated_crf and ignore_band change the pseudo-label run and leave the
+    ground-truth reference plain; the band ignores exactly the pixels whose background margin
+    (labels/margin, written by synthesize-labels) is below it."""
+    import shutil
+
+    import numpy as np
+
+    import wsseg.stages.train_segmenter as train_segmenter
+    from wsseg.stages.synthesize_labels import Paths as LabelPaths
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(labels_run.run.dir, run_dir)
+    config = tiny_config(labels_run.data.root, run_dir, "segmenter.labels=both", "segmenter.iterations=20",
+                         "segmenter.eval_mode=single", "segmenter.label_relaxation=4", "segmenter.gated_crf=0.1",
+                         "segmenter.ignore_band=0.1")
+    pipeline.run_stage(train_segmenter.STAGE, config)
+    record = RunStore(run_dir).record("segmenter/deeplab-v2")
+    assert record["metrics"]["pseudo"]["noisy_label_options"] == {"label_relaxation": 4, "gated_crf": 0.1, "ignore_band": 0.1}
+    assert record["metrics"]["gt"]["noisy_label_options"] == {"label_relaxation": 0, "gated_crf": 0.0, "ignore_band": 0.0}
+    assert "gated_crf" in record["curves"]["pseudo"] and "gated_crf" not in record["curves"]["gt"]
+    assert all(value > 0 for value in record["curves"]["pseudo"]["gated_crf"])
+
+    store = RunStore(run_dir)
+    ignored = 0
+    for image_id in artifacts.image_ids(config, "data.segmenter_train_list"):
+        paths = LabelPaths(store, image_id)
+        semantic, margin = artifacts.read_labels(paths.semantic), artifacts.read_labels(paths.margin)
+        banded = train_segmenter.PseudoLabels(str(run_dir), 0.1)(image_id)
+        near = margin < round(0.1 * 255)
+        assert (banded[near] == 255).all() and (banded[~near] == semantic[~near]).all()
+        ignored += int(near.sum())
+    assert ignored > 0
+    # a run without labels/margin (made before it existed) gets one line saying what to do
+    for path in (run_dir / "labels" / "margin").iterdir():
+        path.unlink()
+    with pytest.raises(UserError, match="labels/margin/.*rerun synthesize-labels"):
+        train_segmenter.PseudoLabels(str(run_dir), 0.1)(image_id)
+    assert np.array_equal(train_segmenter.PseudoLabels(str(run_dir))(image_id), semantic)
+
+
 def test_predict_labels_a_folder_and_reports_a_corrupt_file(labels_run, tmp_path):
     import shutil
     import subprocess

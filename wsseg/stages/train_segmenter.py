@@ -18,14 +18,17 @@ import torch
 from torch import nn
 
 from wsseg.checkpoints import load_checkpoint, save_checkpoint
+from wsseg.class_ids import IGNORE
 from wsseg.config import Config
 from wsseg.context import StageContext, resolve_device
 from wsseg.data.datasets import LabelledImages
-from wsseg.data.transforms import SegmentationAugment
+from wsseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationAugment
 from wsseg.errors import UserError
 from wsseg.metrics import ConfusionMatrix
+from wsseg.ops.gated_crf import gated_crf_loss
 from wsseg.models.backbones import load_weights
 from wsseg.models.segmenters import build_segmenter
+from wsseg.models.segmenters.common import upsample_to
 from wsseg.models.segmenters.inference import dense_crf, predict_labels
 from wsseg.stage import Stage, fmt
 from wsseg.stages import artifacts
@@ -44,16 +47,25 @@ def folder_of(store: RunStore, config: Config, source: str) -> Path:
 
 
 class PseudoLabels:
-    """label_reader: synthesize-labels' semantic label of an image (picklable for workers)."""
+    """label_reader: synthesize-labels' semantic label of an image (picklable for workers);
+    `ignore_band` > 0: pixels whose background margin (labels/margin) is below it become 255."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, ignore_band: float = 0.0):
         self.run_dir = run_dir
+        self.ignore_band = ignore_band
 
     def __call__(self, image_id: str) -> np.ndarray:
-        labels = artifacts.read_labels(LabelPaths(RunStore(self.run_dir), image_id).semantic)
+        paths = LabelPaths(RunStore(self.run_dir), image_id)
+        labels = artifacts.read_labels(paths.semantic)
         if labels is None:
             raise UserError(f"labels/semantic/{image_id}.png is missing or damaged; data.segmenter_train_list must be "
                             f"covered by data.label_list, and synthesize-labels must have run")
+        if self.ignore_band > 0:
+            margin = artifacts.read_labels(paths.margin)
+            if margin is None or margin.shape != labels.shape:
+                raise UserError(f"labels/margin/{image_id}.png is missing or damaged (segmenter.ignore_band needs it); "
+                                f"rerun synthesize-labels")
+            labels = np.where(margin < round(self.ignore_band * 255), IGNORE, labels).astype(labels.dtype)
         return labels
 
 
@@ -100,6 +112,25 @@ def validation_miou(config: Config, model: nn.Module, device: torch.device) -> f
     return matrix.summary()["miou"]
 
 
+# The gated CRF term is computed on the prediction at half the crop's size (σ_xy scaled to match).
+GATED_CRF_SCALE = 0.5
+
+
+def gated_crf_term(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """The gated CRF loss of the main logits (B, K, h, w) on the normalised crops (B, 3, H, W),
+    at GATED_CRF_SCALE of the crop; gated to the image proper. The crop's padding is exactly 0
+    in every channel after normalisation, which no real pixel is (the ImageNet mean x 255 is not
+    an integer in any channel)."""
+    size = (max(1, round(images.shape[-2] * GATED_CRF_SCALE)), max(1, round(images.shape[-1] * GATED_CRF_SCALE)))
+    probs = torch.softmax(upsample_to(logits.float(), size), dim=1)
+    mean = torch.as_tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    rgb = nn.functional.interpolate(images.float() * std + mean, size=size, mode="bilinear", align_corners=False)
+    padding = (images == 0).all(dim=1, keepdim=True).float()
+    gate = nn.functional.interpolate(padding, size=size, mode="bilinear", align_corners=False)[:, 0] == 0
+    return gated_crf_loss(probs, rgb, gate, xy_scale=GATED_CRF_SCALE)
+
+
 def _unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
@@ -117,7 +148,12 @@ def train_one(ctx: StageContext, source: str) -> dict:
                             f"data.segmenter_train_list; none were found")
         reader = TruePanoptic(dataset) if panoptic else dataset.read_semantic
     else:
-        reader = PseudoPanoptic(str(ctx.store.root)) if panoptic else PseudoLabels(str(ctx.store.root))
+        reader = PseudoPanoptic(str(ctx.store.root)) if panoptic else PseudoLabels(str(ctx.store.root), segmenter.ignore_band)
+    # The options for partly wrong labels: on pseudo labels only (the ground-truth run is the plain reference).
+    noisy = source == "pseudo"
+    if noisy and panoptic and (segmenter.label_relaxation or segmenter.gated_crf or segmenter.ignore_band):
+        raise UserError(f"segmenter.label_relaxation / gated_crf / ignore_band apply to the semantic segmenters; "
+                        f"{segmenter.model} trains on panoptic labels: set them to 0")
     seed = training_seed(config)
     images = LabelledImages(dataset, ids, reader, SegmentationAugment(scale_range=segmenter.scale_range, crop_size=segmenter.crop),
                             seed=seed)
@@ -129,6 +165,8 @@ def train_one(ctx: StageContext, source: str) -> dict:
     steps_per_epoch = len(images) // segmenter.batch_size
     epochs = max(1, math.ceil(segmenter.iterations * segmenter.batch_size / len(images)))
     model.begin_training(steps_per_epoch=steps_per_epoch, max_steps=epochs * steps_per_epoch)
+    model.label_relaxation = segmenter.label_relaxation if noisy else 0
+    crf_weight = segmenter.gated_crf if noisy else 0.0
     if segmenter.sync_bn and ctx.dist.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(config, model)
@@ -137,7 +175,11 @@ def train_one(ctx: StageContext, source: str) -> dict:
         outputs = net(batch["image"])
         batch["_outputs"] = outputs
         targets = targets_from_codes(batch["label"]) if panoptic else batch["label"]
-        return _unwrap(net).loss(outputs, targets)
+        terms = _unwrap(net).loss(outputs, targets)
+        if crf_weight > 0:
+            terms["gated_crf"] = gated_crf_term(outputs["out"], batch["image"])
+            terms["total"] = terms["total"] + crf_weight * terms["gated_crf"]
+        return terms
 
     # The model's per-step hook (MCIBI's memory update, dilated-context's stage switch; a no-op for most).
     def after_step(net, batch, step, max_steps):
@@ -158,7 +200,10 @@ def train_one(ctx: StageContext, source: str) -> dict:
     model = model.cpu().eval()
     if ctx.dist.is_main:
         save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "model_name": segmenter.model})
+    applied = {"label_relaxation": model.label_relaxation, "gated_crf": crf_weight,
+               "ignore_band": segmenter.ignore_band if noisy else 0.0}
     return {"curves": result.curves, "train_images": len(ids), "epochs": epochs, "steps": result.steps,
+            "noisy_label_options": applied,
             "images_per_second": round(result.images_per_second, 2)}
 
 
