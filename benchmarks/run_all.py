@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "BENCHMARKS.md"
 RESULTS = REPO / "runs" / "bench"  # raw numbers of the last run of each benchmark (git-ignored)
 
-# In order: pipeline.py reads what make_cam, crf and training measured.
-BENCHMARKS = ("random_walk", "make_cam", "crf", "training", "pipeline")
+# In order: pipeline.py reads what make_cam, crf and training measured. segmenters.py is the long
+# one (every model, two seeds, both label sources: hours on 2 cores; its rows resume).
+BENCHMARKS = ("random_walk", "make_cam", "crf", "training", "pipeline", "segmenters")
 
 
 def main() -> None:

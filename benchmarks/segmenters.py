@@ -1,0 +1,173 @@
+"""Every segmenter trained on the demo's ground truth and on its pseudo labels with one recipe.
+
+    .venv/bin/python benchmarks/segmenters.py                      # the table (hours of CPU), updates docs/BENCHMARKS.md
+    .venv/bin/python benchmarks/segmenters.py --models deeplab-v2 --seeds 0 --steps 300 --no-docs
+    .venv/bin/python benchmarks/segmenters.py --tag adamw --set segmenter.optimizer=adamw --no-docs
+
+Each row is the real command a user runs, `wsseg train-segmenter --config pipelines/demo.yaml
+--set segmenter.labels=both ...`, in a copy of a finished demo run (`--run`, default runs/demo,
+made or finished first with `wsseg run-all --config pipelines/demo.yaml --to synthesize-labels`
+when its labels are missing; the copy hard-links its files, so it costs no disk). Per model and per training seed
+(`segmenter.seed`) it trains on the pseudo labels and on the ground truth, scores val mIoU
+single-scale every few epochs (`segmenter.val_every`, the curve), and at the end the stage's
+own evaluation (single, ms+flip, +CRF; the table takes the best, as the stage's headline does).
+
+Convergence rule: one step budget for every model (`--steps`), long enough that the reference
+model's val curve has flattened; each row then shows how much its ground-truth val mIoU still
+rose over the last quarter of the steps ("late gain"): under 0.01 counts as converged, above
+it the row is marked undertrained rather than hidden.
+
+Rows are cached under runs/bench/segmenters/<tag>/ (a finished row is not trained again), so
+an interrupted benchmark resumes where it stopped; delete the folder to start over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from run_all import REPO, bench_env, fmt, header, load_average, table, write_section
+from wsseg.models.segmenters import SEGMENTERS
+
+SECTION = "Segmenters"
+INTRO = """Every registered segmenter on the demo, trained with one recipe on the pseudo labels and on
+the ground truth (`benchmarks/segmenters.py`); the findings are in README's segmenter table and
+the model pages."""
+WSSEG = Path(sys.executable).parent / "wsseg"
+LATE_GAIN = 0.01  # a ground-truth val curve that still rises more than this over its last quarter is undertrained
+
+
+def copy_run(source: Path, target: Path) -> None:
+    """A hard-linked copy of a finished run without its segmenters (stages write new files
+    atomically, so the original's files are never changed through the links)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, copy_function=os.link,
+                    ignore=lambda folder, names: ["segmenter", ".lock"] if Path(folder) == source else [])
+
+
+def train_row(args, model: str, seed: int, work: Path) -> dict:
+    """Train one model with one seed (both label sources) through the CLI; returns its numbers."""
+    row_dir = work / f"{model}-s{seed}"
+    done = row_dir / "row.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    run_dir = row_dir / "run"
+    copy_run(args.run, run_dir)
+    sets = [f"run.dir={run_dir}", f"segmenter.model={model}", f"segmenter.seed={seed}", "segmenter.labels=both",
+            f"segmenter.iterations={args.steps}", f"segmenter.val_every={args.val_every}", *args.set]
+    command = [str(WSSEG), "train-segmenter", "--config", str(args.config)] + [a for s in sets for a in ("--set", s)]
+    print(" ".join(command[1:]), flush=True)
+    began = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, env=bench_env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{model} seed {seed} failed:\n{result.stderr[-3000:]}")
+    record = json.loads((run_dir / "segmenter" / model / "stage.json").read_text())
+    metrics, curves = record["metrics"], record.get("curves", {})
+    row = {"model": model, "seed": seed, "seconds": round(time.monotonic() - began, 1)}
+    for source in ("pseudo", "gt"):
+        values, curve = metrics.get(source, {}), curves.get(source, {})
+        row[source] = {
+            "miou": metrics.get(f"miou_{source}"),
+            "modes": {mode: values.get(f"miou_{mode}") for mode in ("single", "msflip", "crf")},
+            "pq": values.get("pq"),
+            "images_per_second": values.get("images_per_second"),
+            "steps": values.get("steps"),
+            "val_epochs": curve.get("val_epoch", []),
+            "val_miou": curve.get("val_miou", []),
+        }
+    done.write_text(json.dumps(row, indent=1) + "\n")
+    shutil.rmtree(run_dir)  # the numbers are kept; the copy's models are not needed
+    return row
+
+
+def late_gain(values: dict) -> float | None:
+    """How much val mIoU rose over the last quarter of the epochs (best before vs the end)."""
+    epochs, miou = values["val_epochs"], values["val_miou"]
+    if len(miou) < 2:
+        return None
+    cut = epochs[-1] * 0.75
+    before = [m for e, m in zip(epochs, miou) if e <= cut]
+    return round(miou[-1] - max(before), 4) if before else None
+
+
+def mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def per_seed(rows: list[dict], source: str, key: str = "miou") -> str:
+    return " / ".join(fmt(r[source][key]) for r in rows)
+
+
+def summarise(rows_by_model: dict[str, list[dict]], labels_pq: float | None) -> tuple[str, dict]:
+    columns = ["model", "gt val mIoU (mean; seeds)", "pseudo (mean; seeds)", "pseudo / gt", "late gain gt",
+               f"val PQ pseudo / gt (seeds) [labels' own PQ {fmt(labels_pq)}]", "train img/s", "steps"]
+    best_gt = max(mean([r["gt"]["miou"] for r in rows]) or 0 for rows in rows_by_model.values())
+    lines, numbers = [], {}
+    for model, rows in rows_by_model.items():
+        gt, pseudo = mean([r["gt"]["miou"] for r in rows]), mean([r["pseudo"]["miou"] for r in rows])
+        gain = mean([late_gain(r["gt"]) for r in rows])
+        pq = ("-" if rows[0]["gt"]["pq"] is None else
+              f"{fmt(mean([r['pseudo']['pq'] for r in rows]))} / {fmt(mean([r['gt']['pq'] for r in rows]))} "
+              f"({per_seed(rows, 'pseudo', 'pq')}; {per_seed(rows, 'gt', 'pq')})")
+        flags = ("" if gain is None or gain < LATE_GAIN else " (still rising)") + \
+                (" (< 0.85 best)" if gt is not None and gt < 0.85 * best_gt else "")
+        lines.append([model, f"{fmt(gt)} ({per_seed(rows, 'gt')}){flags}", f"{fmt(pseudo)} ({per_seed(rows, 'pseudo')})",
+                      fmt(pseudo / gt if gt and pseudo is not None else None), fmt(gain, 2),
+                      pq, fmt(mean([r["gt"]["images_per_second"] for r in rows])), str(rows[0]["gt"]["steps"])])
+        numbers[model] = {"gt": gt, "pseudo": pseudo, "late_gain": gain,
+                          "pq_pseudo": [r["pseudo"]["pq"] for r in rows], "pq_gt": [r["gt"]["pq"] for r in rows]}
+    return table(columns, lines), numbers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=REPO / "runs" / "demo", help="a demo run finished through synthesize-labels")
+    parser.add_argument("--config", type=Path, default=REPO / "pipelines" / "demo.yaml")
+    parser.add_argument("--models", default="", help=f"comma-separated subset of {', '.join(SEGMENTERS)} (default: all)")
+    parser.add_argument("--seeds", default="0,1", help="training seeds (segmenter.seed), comma-separated")
+    parser.add_argument("--steps", type=int, default=2000, help="optimisation steps per model and label source")
+    parser.add_argument("--val-every", type=int, default=10, help="epochs between points of the val curve")
+    parser.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE (a recipe to try)")
+    parser.add_argument("--tag", default="table", help="name of this benchmark's cache folder under runs/bench/segmenters")
+    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()] or list(SEGMENTERS)
+    unknown = sorted(set(models) - set(SEGMENTERS))
+    if unknown:
+        raise SystemExit(f"--models: unknown model(s) {unknown}; choose from {', '.join(SEGMENTERS)}")
+    if not (args.run / "labels" / "stage.json").exists():
+        # the pipeline up to the labels (~5 minutes on the demo); resumes whatever part of it is done
+        command = [str(WSSEG), "run-all", "--config", str(args.config), "--to", "synthesize-labels",
+                   "--set", f"run.dir={args.run}"]
+        print(" ".join(command[1:]), flush=True)
+        if subprocess.run(command, cwd=REPO, env=bench_env()).returncode != 0:
+            raise SystemExit(f"--run {args.run}: the pipeline up to synthesize-labels failed; see its output above")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = REPO / "runs" / "bench" / "segmenters" / args.tag
+    work.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
+    rows_by_model = {model: [train_row(args, model, seed, work) for seed in seeds] for model in models}
+    # the panoptic labels' own PQ (on the images they label) beside the panoptic model's val PQ
+    labels_pq = json.loads((args.run / "labels" / "stage.json").read_text())["metrics"].get("pq")
+    body, numbers = summarise(rows_by_model, labels_pq)
+    (work / "summary.json").write_text(json.dumps(numbers, indent=1) + "\n")
+    notes = [f"{args.steps} steps per model and label source, training seeds {args.seeds}; val mIoU is the best of "
+             f"single / ms+flip / +CRF on the demo's 60 validation images; late gain: ground-truth val mIoU "
+             f"(single scale) at the end minus its best before the last quarter of the steps"]
+    text = "\n".join(header("segmenters.py", load_before, notes)) + "\n\n" + body
+    print("\n" + text)
+    if not args.no_docs:
+        write_section(SECTION, INTRO, f"Every segmenter, {args.steps} steps ({args.tag})", text)
+
+
+if __name__ == "__main__":
+    main()
