@@ -260,7 +260,7 @@ class SegmenterSection:
     weight_decay: float = key(5e-4, "weight decay (SGD: L2 in the gradient; AdamW: decoupled)", low=0.0)
     seed: typing.Optional[int] = key(None, "training seed of this stage (null: run.seed); vary it to measure run-to-run spread", neutral=None)
     val_every: int = key(0, "score val mIoU (single scale) every this many epochs and at the last, into the curves (0: off)", low=0)
-    label_relaxation: int = key(0, "pseudo labels: boundary label relaxation (Zhu et al. 2019), the window radius in input "
+    label_relaxation: int = key(0, "pseudo labels: boundary label relaxation (Zhu et al. 2019), the window radius in label "
                                    "pixels within which any label met counts as right; 0 = plain cross-entropy", low=0, neutral=0)
     gated_crf: float = key(0.0, "pseudo labels: weight of the gated CRF loss (Obukhov et al. 2019) on the main output; 0 = off",
                            low=0.0, neutral=0.0)

@@ -62,15 +62,14 @@ def test_relaxation_is_cross_entropy_inside_regions_and_free_on_a_shifted_bounda
     assert F.cross_entropy(shifted, labels, reduction="none")[:, :, 6].min() > 30
 
 
-def test_cross_entropy_relax_scales_the_radius_to_the_logits_grid():
+def test_cross_entropy_relaxes_at_the_labels_resolution_for_both_size_rules():
     generator = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 3, 5, 5, generator=generator)
-    labels = random_labels(generator, (2, 33, 33), 3)
-    small = labels[:, ::8, ::8]  # what DeepLab's corner-aligned shrink reads at 33 -> 5
-    expected = torch.from_numpy(slow_relaxed_nll(logits, small, 1)).sum() / (small != 255).sum()
-    torch.testing.assert_close(cross_entropy(logits, labels, "logits", relax=8).double(), expected, rtol=1e-5, atol=1e-6)
-    # radius in input pixels: 4 px at stride ~8 still relaxes by one logit
-    torch.testing.assert_close(cross_entropy(logits, labels, "logits", relax=4).double(), expected, rtol=1e-5, atol=1e-6)
+    labels = random_labels(generator, (2, 17, 17), 3)
+    upsampled = F.interpolate(logits, size=(17, 17), mode="bilinear", align_corners=False)
+    expected = torch.from_numpy(slow_relaxed_nll(upsampled, labels, 2)).sum() / (labels != 255).sum()
+    for size_from in ("label", "logits"):
+        torch.testing.assert_close(cross_entropy(logits, labels, size_from, relax=2).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_segmenter_uses_its_label_relaxation_in_every_pixel_term():
@@ -81,13 +80,13 @@ def test_a_segmenter_uses_its_label_relaxation_in_every_pixel_term():
     labels = random_labels(torch.Generator().manual_seed(3), (2, 33, 33), 3)
     outputs = model(images)
     plain = model.loss(outputs, labels)
-    model.label_relaxation = 8
+    model.label_relaxation = 2
     relaxed = model.loss(outputs, labels)
     # each relaxed term is the relaxed cross-entropy of that output, and never above the plain one
     for key, value in relaxed.items():
         if key != "total":
             output = outputs["out" if key == "main" else key]
-            torch.testing.assert_close(value, cross_entropy(output, labels, "logits", relax=8))
+            torch.testing.assert_close(value, cross_entropy(output, labels, "logits", relax=2))
             assert value <= plain[key] + 1e-6
     assert relaxed["total"] < plain["total"]
 

@@ -105,21 +105,21 @@ def cross_entropy(logits: Tensor, labels: Tensor, size_from: str = "label", rela
     the logits are upsampled to H x W (bilinear, align_corners=False: the toolboxes'
     loss); "logits": the labels are downsampled to h x w with `downsample_labels`
     (DeepLab v1/v2). A batch with no labelled pixel gives 0 (with a graph), not NaN.
-    relax > 0: boundary label relaxation (`relaxed_nll`) with a window of that radius in
-    input (label) pixels, scaled to the logits' grid when size_from="logits" (at least 1).
+    relax > 0: boundary label relaxation (`relaxed_nll`) with a window of that radius, always
+    at the labels' resolution (the logits upsampled, whatever size_from says): one logit of a
+    stride-8 model covers 8 label pixels, and relaxing on that grid gave away whole small objects.
     """
-    height = labels.shape[-2]
-    if size_from == "label":
-        logits = upsample_to(logits, labels.shape[-2:])
-    elif size_from == "logits":
-        labels = downsample_labels(labels, logits.shape[-2:])
-    else:
+    if size_from not in ("label", "logits"):
         raise ValueError(f"size_from must be 'label' or 'logits', got {size_from!r}")
     if relax > 0:
-        radius = relax if size_from == "label" else max(1, round(relax * labels.shape[-2] / height))
-        summed = relaxed_nll(logits, labels, radius).sum()
+        logits = upsample_to(logits, labels.shape[-2:])
+        summed = relaxed_nll(logits, labels, relax).sum()
+        return summed / (labels != IGNORE).sum().clamp(min=1)
+    if size_from == "label":
+        logits = upsample_to(logits, labels.shape[-2:])
     else:
-        summed = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+        labels = downsample_labels(labels, logits.shape[-2:])
+    summed = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
     return summed / (labels != IGNORE).sum().clamp(min=1)
 
 
@@ -239,7 +239,7 @@ class Segmenter(nn.Module):
       label_size_from: "label" (logits upsampled to the label: the toolboxes) or
         "logits" (labels downsampled to the logits: DeepLab v1/v2); see cross_entropy.
     Instance attribute set by train-segmenter:
-      label_relaxation: boundary label relaxation radius in input pixels for every
+      label_relaxation: boundary label relaxation radius in label pixels for every
         pixel-wise term (`pixel_loss`); 0 = plain cross-entropy.
     """
 
