@@ -86,6 +86,22 @@ def _check_segmenter_options(options: dict, where: str) -> None:
         model_options(model, values, where)
 
 
+def _check_lr_by_model(values: dict, where: str) -> None:
+    from wsseg.models.segmenters import check_model
+
+    for model, recipe in values.items():
+        check_model(model, where)
+        if not isinstance(recipe, typing.Mapping):
+            raise UserError(f"{where}.{model}: expected a mapping such as {{head_lr_mult: 1.0}}, got {recipe!r}")
+        for name, value in recipe.items():
+            if name not in LR_BY_MODEL_KEYS:
+                raise UserError(f"{where}.{model}.{name}: unknown; it takes {' and '.join(LR_BY_MODEL_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise UserError(f"{where}.{model}.{name}: expected a positive number, got {value!r}")
+
+
+LR_BY_MODEL_KEYS = ("lr", "head_lr_mult")
+
 MODEL_OPTIONS_DOC = ("per-model constructor options, by model name: {maxdeeplab: {num_slots: 64}, deeplab-v3: "
                      "{output_stride: 8}}; checked against the model's constructor, only the chosen model's are used "
                      "(and make its result stale); docs/models/<name>.md lists each model's options")
@@ -255,6 +271,10 @@ class SegmenterSection:
     optimizer: str = key("sgd", "sgd (with momentum; the papers') | adamw (decoupled weight decay)", choices=("sgd", "adamw"), neutral="sgd")
     lr: float = key(2.5e-4, "backbone learning rate (poly 0.9); heads x head_lr_mult", positive=True)
     head_lr_mult: float = key(10.0, "head learning rate multiplier", positive=True)
+    lr_by_model: typing.Mapping[str, typing.Mapping[str, typing.Any]] = key(
+        FrozenMap(), "lr and/or head_lr_mult for one model where the shared ones do not suit it, by model name: "
+                     "{refinenet: {head_lr_mult: 1.0}}; only the chosen model's entry is used", check=_check_lr_by_model,
+        neutral=FrozenMap())
     warmup: int = key(0, "steps of linear learning-rate warmup before the poly schedule", low=0, neutral=0)
     momentum: float = key(0.9, "SGD momentum", low=0.0, high=0.999)
     weight_decay: float = key(5e-4, "weight decay (SGD: L2 in the gradient; AdamW: decoupled)", low=0.0)

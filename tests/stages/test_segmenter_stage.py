@@ -141,3 +141,28 @@ def _overrides(config):
     from tiny import TINY
 
     return [f"data.root={config.data.root}", f"run.dir={config.run.dir}", *TINY, "segmenter.model=fcn8s"]
+
+
+def test_lr_by_model_replaces_the_shared_rates_for_its_model_only(tmp_path):
+    import wsseg.stages.train_segmenter as train_segmenter
+    from wsseg.config import load_config
+
+    def config(*sets):
+        return load_config([], ["segmenter.lr=0.001", "segmenter.head_lr_mult=10", *sets])
+
+    shared = config("segmenter.model=deeplab-v2", "segmenter.lr_by_model={refinenet: {head_lr_mult: 1}}")
+    own = config("segmenter.model=refinenet", "segmenter.lr_by_model={refinenet: {head_lr_mult: 1}}")
+    assert train_segmenter.learning_rates(shared) == pytest.approx((0.001, 0.01))
+    assert train_segmenter.learning_rates(own) == pytest.approx((0.001, 0.001))
+    assert train_segmenter.learning_rates(config("segmenter.model=refinenet", "segmenter.lr_by_model={refinenet: {lr: 0.0002}}")) \
+        == pytest.approx((0.0002, 0.002))
+    # another model's entry does not change this model's fingerprint; its own does
+    def inputs(c):
+        return pipeline.selected_config(c, train_segmenter.STAGE.selectors(c))
+
+    assert inputs(shared) == inputs(config("segmenter.model=deeplab-v2"))
+    assert inputs(own) != inputs(config("segmenter.model=refinenet"))
+    for bad, message in (("{refinenet: {momentum: 0.5}}", "lr_by_model.refinenet.momentum: unknown"),
+                         ("{refinenet: {lr: -1}}", "positive number"), ("{refinet: {lr: 0.1}}", "refinet")):
+        with pytest.raises(UserError, match=message):
+            config(f"segmenter.lr_by_model={bad}")

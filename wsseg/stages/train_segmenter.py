@@ -89,11 +89,28 @@ def training_seed(config: Config) -> int:
     return config.run.seed if config.segmenter.seed is None else config.segmenter.seed
 
 
+def learning_rates(config: Config) -> tuple[float, float]:
+    """(backbone lr, head lr) of the chosen model: segmenter.lr and lr·head_lr_mult, each replaced
+    by the model's own entry in segmenter.lr_by_model where it has one."""
+    segmenter = config.segmenter
+    own = segmenter.lr_by_model.get(segmenter.model, {})
+    lr = float(own.get("lr", segmenter.lr))
+    return lr, lr * float(own.get("head_lr_mult", segmenter.head_lr_mult))
+
+
+def own_lr_selector(config: Config) -> tuple[str, ...]:
+    """The chosen model's segmenter.lr_by_model entry, when it has one (none: nothing, so runs
+    made before the key existed keep their fingerprint)."""
+    model = config.segmenter.model
+    return (f"segmenter.lr_by_model.{model}",) if model in config.segmenter.lr_by_model else ()
+
+
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """`segmenter.optimizer` over the model's (backbone, heads) groups at lr and lr·head_lr_mult."""
+    """`segmenter.optimizer` over the model's (backbone, heads) groups at `learning_rates`."""
     segmenter = config.segmenter
     backbone_params, head_params = model.param_groups()
-    groups = [(backbone_params, segmenter.lr), (head_params, segmenter.lr * segmenter.head_lr_mult)]
+    backbone_lr, head_lr = learning_rates(config)
+    groups = [(backbone_params, backbone_lr), (head_params, head_lr)]
     if segmenter.optimizer == "adamw":
         return adamw(groups, weight_decay=segmenter.weight_decay)
     return sgd(groups, momentum=segmenter.momentum, weight_decay=segmenter.weight_decay)
@@ -323,7 +340,8 @@ STAGE = Stage(
     reads=lambda config: ("run.seed", "data.root", "data.classes", "data.segmenter_train_list", "data.val_list",
                           "segmenter", "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode",
                           "-segmenter.window", "-segmenter.sync_bn", "-segmenter.val_every", "-segmenter.options",
-                          f"segmenter.options.{config.segmenter.model}"),
+                          f"segmenter.options.{config.segmenter.model}", "-segmenter.lr_by_model",
+                          *own_lr_selector(config)),
     headline="miou",
     quality=quality,
     evaluators={"segmenter": evaluate},
