@@ -50,9 +50,10 @@ def gated_crf_loss(probs: Tensor, rgb: Tensor, gate: Tensor, *, kernels: tuple[K
     padded_rgb = F.pad(rgb, (radius,) * 4)
     padded_gate = F.pad(gate, (radius,) * 4)
     energy = probs.new_zeros(())
-    for dy in range(-radius, radius + 1):
+    # Each pair (i, j) and (j, i) has the same kernel, agreement and gate: visit half the offsets, count twice.
+    for dy in range(0, radius + 1):
         for dx in range(-radius, radius + 1):
-            if dy == 0 and dx == 0:
+            if dy == 0 and dx <= 0:
                 continue
             rows, cols = slice(radius + dy, radius + dy + height), slice(radius + dx, radius + dx + width)
             colour_distance = ((rgb - padded_rgb[:, :, rows, cols]) ** 2).sum(dim=1)
@@ -66,4 +67,4 @@ def gated_crf_loss(probs: Tensor, rgb: Tensor, gate: Tensor, *, kernels: tuple[K
                     affinity = affinity + kernel.weight * torch.exp(exponent - colour_distance / (2 * kernel.sigma_rgb ** 2))
             agreement = (probs * padded_probs[:, :, rows, cols]).sum(dim=1)
             energy = energy + (gate * padded_gate[:, rows, cols] * affinity * (1.0 - agreement)).sum()
-    return energy / gate.sum().clamp(min=1)
+    return 2.0 * energy / gate.sum().clamp(min=1)
