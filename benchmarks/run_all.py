@@ -41,10 +41,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
-    unknown = sorted(set(names) - set(BENCHMARKS))
-    if unknown:
-        raise SystemExit(f"--only: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    names = pick_names(args.only, BENCHMARKS, "--only")
     began = time.monotonic()
     spent = []
     for name in BENCHMARKS:
@@ -62,6 +59,15 @@ def main() -> None:
 
 
 # ------------------------------------------------------------ shared by the benchmarks
+
+
+def pick_names(text: str, known, flag: str) -> list[str]:
+    """A comma-separated subset of `known` (all of them when empty); an unknown name exits with one line."""
+    names = [n.strip() for n in text.split(",") if n.strip()] or list(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise SystemExit(f"{flag}: unknown name(s) {unknown}; choose from {', '.join(known)}")
+    return names
 
 
 def bench_env(**extra: str) -> dict[str, str]:

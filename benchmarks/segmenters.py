@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from run_all import REPO, bench_env, fmt, header, load_average, table, write_section
+from run_all import REPO, bench_env, fmt, header, load_average, pick_names, table, write_section
 from wsseg.models.segmenters import SEGMENTERS
 
 SECTION = "Segmenters"
@@ -140,10 +140,7 @@ def main() -> None:
     parser.add_argument("--tag", default="table", help="name of this benchmark's cache folder under runs/bench/segmenters")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
-    models = [m.strip() for m in args.models.split(",") if m.strip()] or list(SEGMENTERS)
-    unknown = sorted(set(models) - set(SEGMENTERS))
-    if unknown:
-        raise SystemExit(f"--models: unknown model(s) {unknown}; choose from {', '.join(SEGMENTERS)}")
+    models = pick_names(args.models, SEGMENTERS, "--models")
     if not (args.run / "labels" / "stage.json").exists():
         # the pipeline up to the labels (~5 minutes on the demo); resumes whatever part of it is done
         command = [str(WSSEG), "run-all", "--config", str(args.config), "--to", "synthesize-labels",
