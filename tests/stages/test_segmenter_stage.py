@@ -160,6 +160,11 @@ def test_lr_by_model_replaces_the_shared_rates_for_its_model_only(tmp_path):
     def inputs(c):
         return pipeline.selected_config(c, train_segmenter.STAGE.selectors(c))
 
+    # the pseudo-label options are not in a panoptic model's fingerprint (they do not apply to it)
+    assert inputs(config("segmenter.model=maxdeeplab", "segmenter.label_relaxation=1", "segmenter.ignore_band=0.1")) \
+        == inputs(config("segmenter.model=maxdeeplab"))
+    assert inputs(config("segmenter.label_relaxation=1")) != inputs(config())
+
     assert inputs(shared) == inputs(config("segmenter.model=deeplab-v2"))
     assert inputs(own) != inputs(config("segmenter.model=refinenet"))
     for bad, message in (("{refinenet: {momentum: 0.5}}", "lr_by_model.refinenet.momentum: unknown"),

@@ -27,7 +27,7 @@ from wsseg.errors import UserError
 from wsseg.metrics import ConfusionMatrix
 from wsseg.ops.gated_crf import gated_crf_loss
 from wsseg.models.backbones import load_weights
-from wsseg.models.segmenters import build_segmenter
+from wsseg.models.segmenters import SEGMENTERS, build_segmenter
 from wsseg.models.segmenters.common import upsample_to
 from wsseg.models.segmenters.inference import dense_crf, predict_labels
 from wsseg.stage import Stage, fmt
@@ -105,6 +105,13 @@ def own_lr_selector(config: Config) -> tuple[str, ...]:
     return (f"segmenter.lr_by_model.{model}",) if model in config.segmenter.lr_by_model else ()
 
 
+def unused_noisy_label_keys(config: Config) -> tuple[str, ...]:
+    """The pseudo-label options, left out of the fingerprint of a model they do not apply to (panoptic)."""
+    if not is_panoptic(SEGMENTERS[config.segmenter.model]):
+        return ()
+    return tuple(f"-segmenter.{key}" for key in NOISY_LABEL_KEYS)
+
+
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     """`segmenter.optimizer` over the model's (backbone, heads) groups at `learning_rates`."""
     segmenter = config.segmenter
@@ -148,6 +155,10 @@ def gated_crf_term(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return gated_crf_loss(probs, rgb, gate, xy_scale=GATED_CRF_SCALE)
 
 
+# The options for partly wrong (pseudo) labels; the semantic segmenters only.
+NOISY_LABEL_KEYS = ("label_relaxation", "gated_crf", "ignore_band")
+
+
 def _unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
@@ -166,11 +177,12 @@ def train_one(ctx: StageContext, source: str) -> dict:
         reader = TruePanoptic(dataset) if panoptic else dataset.read_semantic
     else:
         reader = PseudoPanoptic(str(ctx.store.root)) if panoptic else PseudoLabels(str(ctx.store.root), segmenter.ignore_band)
-    # The options for partly wrong labels: on pseudo labels only (the ground-truth run is the plain reference).
-    noisy = source == "pseudo"
-    if noisy and panoptic and (segmenter.label_relaxation or segmenter.gated_crf or segmenter.ignore_band):
-        raise UserError(f"segmenter.label_relaxation / gated_crf / ignore_band apply to the semantic segmenters; "
-                        f"{segmenter.model} trains on panoptic labels: set them to 0")
+    # The options for partly wrong labels: on semantic pseudo labels only (the ground-truth run is the plain
+    # reference; a panoptic model's targets are segments, which they are not defined on).
+    noisy = source == "pseudo" and not panoptic
+    if source == "pseudo" and panoptic and any(getattr(segmenter, key) for key in NOISY_LABEL_KEYS):
+        ctx.log.info("%s trains on panoptic labels: segmenter.%s do not apply to it", segmenter.model,
+                     " / ".join(NOISY_LABEL_KEYS))
     seed = training_seed(config)
     images = LabelledImages(dataset, ids, reader, SegmentationAugment(scale_range=segmenter.scale_range, crop_size=segmenter.crop),
                             seed=seed)
@@ -341,7 +353,7 @@ STAGE = Stage(
                           "segmenter", "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode",
                           "-segmenter.window", "-segmenter.sync_bn", "-segmenter.val_every", "-segmenter.options",
                           f"segmenter.options.{config.segmenter.model}", "-segmenter.lr_by_model",
-                          *own_lr_selector(config)),
+                          *own_lr_selector(config), *unused_noisy_label_keys(config)),
     headline="miou",
     quality=quality,
     evaluators={"segmenter": evaluate},
