@@ -17,8 +17,9 @@ model's val curve has flattened; each row then shows how much its ground-truth v
 rose over the last quarter of the steps ("late gain"): under 0.01 counts as converged, above
 it the row is marked undertrained rather than hidden.
 
-Rows are cached under runs/bench/segmenters/<tag>/ (a finished row is not trained again), so
-an interrupted benchmark resumes where it stopped; delete the folder to start over.
+Rows are cached under runs/bench/segmenters/<tag>/ (a finished row is not trained again while
+the steps, overrides and config file are the same), so an interrupted benchmark resumes where
+it stopped; delete the folder to start over.
 """
 
 from __future__ import annotations
@@ -57,8 +58,13 @@ def train_row(args, model: str, seed: int, work: Path) -> dict:
     """Train one model with one seed (both label sources) through the CLI; returns its numbers."""
     row_dir = work / f"{model}-s{seed}"
     done = row_dir / "row.json"
+    recipe = {"steps": args.steps, "val_every": args.val_every, "set": args.set, "config": str(args.config),
+              "config_text": args.config.read_text()}
     if done.exists():
-        return json.loads(done.read_text())
+        row = json.loads(done.read_text())
+        if row.get("recipe") == recipe:
+            return row
+        print(f"{model} seed {seed}: the cached row was made with another recipe; training it again", flush=True)
     run_dir = row_dir / "run"
     copy_run(args.run, run_dir)
     sets = [f"run.dir={run_dir}", f"segmenter.model={model}", f"segmenter.seed={seed}", "segmenter.labels=both",
@@ -71,7 +77,7 @@ def train_row(args, model: str, seed: int, work: Path) -> dict:
         raise SystemExit(f"{model} seed {seed} failed:\n{result.stderr[-3000:]}")
     record = json.loads((run_dir / "segmenter" / model / "stage.json").read_text())
     metrics, curves = record["metrics"], record.get("curves", {})
-    row = {"model": model, "seed": seed, "seconds": round(time.monotonic() - began, 1)}
+    row = {"model": model, "seed": seed, "seconds": round(time.monotonic() - began, 1), "recipe": recipe}
     for source in ("pseudo", "gt"):
         values, curve = metrics.get(source, {}), curves.get(source, {})
         row[source] = {
