@@ -50,3 +50,24 @@ def test_gallery_renders_in_a_browser(labels_run, tmp_path):
     assert pixels.std() > 20  # text, tables and panels, not an empty page
     # the panels loaded: the page holds the panel images' colours, not just text on white
     assert (np.abs(pixels - 255).sum(axis=2) > 60).mean() > 0.05
+
+
+def test_the_labels_margin_is_drawn_from_its_file(labels_run, tmp_path):
+    """synthesize-labels' tiles include labels/margin (one tile more than without the file)."""
+    import wsseg.stages.synthesize_labels as synthesize_labels
+    from wsseg.stages.synthesize_labels import Paths
+
+    store, dataset = RunStore(labels_run.run.dir), artifacts.open_dataset(labels_run)
+    image_id = artifacts.image_ids(labels_run, "data.label_list")[0]
+    view = ImageView(labels_run, store, dataset, image_id)
+    with_margin = synthesize_labels.inspect_tiles(view)
+    margin = artifacts.read_labels(Paths(store, image_id).margin)
+    assert margin is not None and margin.std() > 0  # a map, not a constant
+    copy = tmp_path / "run"
+    shutil.copytree(labels_run.run.dir, copy)
+    (copy / "labels" / "margin" / f"{image_id}.png").unlink()
+    from wsseg.config import load_config  # the same config pointed at the copy
+    moved = load_config([], [f"run.dir={copy}", f"data.root={labels_run.data.root}",
+                             f"data.classes={list(labels_run.data.classes)}"])
+    without = synthesize_labels.inspect_tiles(ImageView(moved, RunStore(copy), dataset, image_id))
+    assert len(with_margin) == len(without) + 1

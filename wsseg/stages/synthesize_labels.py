@@ -326,6 +326,9 @@ def inspect_tiles(view) -> list[np.ndarray]:
     semantic = artifacts.read_labels(paths.semantic)
     if semantic is not None:
         tiles.append(view.labels_tile("semantic label", semantic))
+    margin = artifacts.read_labels(paths.margin)
+    if margin is not None:  # dark: the label came close to the other side of the background level
+        tiles.append(viz.tile("label margin (black 0 .. yellow 0.3+)", viz.heatmap(margin / 255.0 / 0.3)))
     instances = read_instances(paths.instance)
     if instances is not None:
         ids, classes, scores = instances
