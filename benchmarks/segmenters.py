@@ -54,16 +54,28 @@ def copy_run(source: Path, target: Path) -> None:
                     ignore=lambda folder, names: ["segmenter", ".lock"] if Path(folder) == source else [])
 
 
+def recipe_of(args) -> dict:
+    """What a cached row must have been trained with to be reused."""
+    return {"steps": args.steps, "val_every": args.val_every, "set": args.set, "config": str(args.config),
+            "config_text": args.config.read_text()}
+
+
+def cached_row(args, model: str, seed: int, work: Path) -> dict | None:
+    done = work / f"{model}-s{seed}" / "row.json"
+    if not done.exists():
+        return None
+    row = json.loads(done.read_text())
+    return row if row.get("recipe") == recipe_of(args) else None
+
+
 def train_row(args, model: str, seed: int, work: Path) -> dict:
     """Train one model with one seed (both label sources) through the CLI; returns its numbers."""
     row_dir = work / f"{model}-s{seed}"
     done = row_dir / "row.json"
-    recipe = {"steps": args.steps, "val_every": args.val_every, "set": args.set, "config": str(args.config),
-              "config_text": args.config.read_text()}
+    row = cached_row(args, model, seed, work)
+    if row is not None:
+        return row
     if done.exists():
-        row = json.loads(done.read_text())
-        if row.get("recipe") == recipe:
-            return row
         print(f"{model} seed {seed}: the cached row was made with another recipe; training it again", flush=True)
     run_dir = row_dir / "run"
     copy_run(args.run, run_dir)
@@ -77,7 +89,7 @@ def train_row(args, model: str, seed: int, work: Path) -> dict:
         raise SystemExit(f"{model} seed {seed} failed:\n{result.stderr[-3000:]}")
     record = json.loads((run_dir / "segmenter" / model / "stage.json").read_text())
     metrics, curves = record["metrics"], record.get("curves", {})
-    row = {"model": model, "seed": seed, "seconds": round(time.monotonic() - began, 1), "recipe": recipe}
+    row = {"model": model, "seed": seed, "seconds": round(time.monotonic() - began, 1), "recipe": recipe_of(args)}
     for source in ("pseudo", "gt"):
         values, curve = metrics.get(source, {}), curves.get(source, {})
         row[source] = {
@@ -145,6 +157,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE (a recipe to try)")
     parser.add_argument("--tag", default="table", help="name of this benchmark's cache folder under runs/bench/segmenters")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--cached-only", action="store_true", help="the table of the rows already trained; train nothing")
     args = parser.parse_args()
     models = pick_names(args.models, SEGMENTERS, "--models")
     if not (args.run / "labels" / "stage.json").exists():
@@ -158,7 +171,13 @@ def main() -> None:
     work = REPO / "runs" / "bench" / "segmenters" / args.tag
     work.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
-    rows_by_model = {model: [train_row(args, model, seed, work) for seed in seeds] for model in models}
+    if args.cached_only:  # the table so far: rows already trained with this recipe, nothing new
+        rows_by_model = {model: [row for seed in seeds if (row := cached_row(args, model, seed, work))] for model in models}
+        missing = [f"{m} seed {s}" for m in models for s in seeds if not cached_row(args, m, s, work)]
+        rows_by_model = {model: rows for model, rows in rows_by_model.items() if rows}
+    else:
+        rows_by_model = {model: [train_row(args, model, seed, work) for seed in seeds] for model in models}
+        missing = []
     # the panoptic labels' own PQ (on the images they label) beside the panoptic model's val PQ
     labels_pq = json.loads((args.run / "labels" / "stage.json").read_text())["metrics"].get("pq")
     body, numbers = summarise(rows_by_model, labels_pq)
@@ -166,6 +185,8 @@ def main() -> None:
     notes = [f"{args.steps} steps per model and label source, training seeds {args.seeds}; val mIoU is the best of "
              f"single / ms+flip / +CRF on the demo's 60 validation images; late gain: ground-truth val mIoU "
              f"(single scale) at the end minus its best before the last quarter of the steps"]
+    if missing:
+        notes.append(f"not trained yet (--cached-only): {', '.join(missing)}")
     text = "\n".join(header("segmenters.py", load_before, notes)) + "\n\n" + body
     print("\n" + text)
     if not args.no_docs:
