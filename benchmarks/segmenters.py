@@ -185,8 +185,9 @@ def main() -> None:
     notes = [f"{args.steps} steps per model and label source, training seeds {args.seeds}; val mIoU is the best of "
              f"single / ms+flip / +CRF on the demo's 60 validation images; late gain: ground-truth val mIoU "
              f"(single scale) at the end minus its best before the last quarter of the steps"]
-    if missing:
-        notes.append(f"not trained yet (--cached-only): {', '.join(missing)}")
+    if args.cached_only:
+        notes.append("the rows were trained earlier by the same command without --cached-only"
+                     + (f"; not trained yet: {', '.join(missing)}" if missing else ""))
     text = "\n".join(header("segmenters.py", load_before, notes)) + "\n\n" + body
     print("\n" + text)
     if not args.no_docs:
