@@ -26,29 +26,32 @@ from wsseg.checkpoints import load_checkpoint, save_checkpoint
 LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 
 
-def sgd(groups: list[tuple[list[nn.Parameter], float]], *, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD over (params, lr) groups; each group remembers its base lr for the poly schedule."""
+def _base_lr_groups(groups: list[tuple[list[nn.Parameter], float]], hint: str = "") -> list[dict]:
+    """torch param groups from (params, lr) pairs, empty ones left out, each remembering its base lr
+    for the schedule; none left is a UserError (`hint` says what to check)."""
     param_groups = [{"params": params, "lr": lr, "base_lr": lr} for params, lr in groups if params]
     if not param_groups:
-        raise UserError("nothing to train: every parameter is frozen; check the train_stages / train_backbone keys")
+        raise UserError(f"nothing to train: every parameter is frozen{hint}")
+    return param_groups
+
+
+def sgd(groups: list[tuple[list[nn.Parameter], float]], *, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD over (params, lr) groups; each group remembers its base lr for the poly schedule."""
+    param_groups = _base_lr_groups(groups, "; check the train_stages / train_backbone keys")
     return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
 
 
 def adam(groups: list[tuple[list[nn.Parameter], float]], *, weight_decay: float) -> torch.optim.Adam:
     """Adam over (params, lr) groups (L2 weight decay added to the gradient, torch's Adam), each
     group remembering its base lr like sgd()'s."""
-    param_groups = [{"params": params, "lr": lr, "base_lr": lr} for params, lr in groups if params]
-    if not param_groups:
-        raise UserError("nothing to train: every parameter is frozen")
+    param_groups = _base_lr_groups(groups)
     return torch.optim.Adam(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
 
 
 def adamw(groups: list[tuple[list[nn.Parameter], float]], *, weight_decay: float) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay, applied as lr·weight_decay·w each step) over (params, lr)
     groups, each remembering its base lr like sgd()'s."""
-    param_groups = [{"params": params, "lr": lr, "base_lr": lr} for params, lr in groups if params]
-    if not param_groups:
-        raise UserError("nothing to train: every parameter is frozen")
+    param_groups = _base_lr_groups(groups)
     return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
 
 

@@ -25,11 +25,11 @@ from wsseg.data.datasets import LabelledImages
 from wsseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationAugment
 from wsseg.errors import UserError
 from wsseg.metrics import ConfusionMatrix
-from wsseg.ops.gated_crf import gated_crf_loss
 from wsseg.models.backbones import load_weights
 from wsseg.models.segmenters import SEGMENTERS, build_segmenter
 from wsseg.models.segmenters.common import upsample_to
 from wsseg.models.segmenters.inference import dense_crf, predict_labels
+from wsseg.ops.gated_crf import gated_crf_loss
 from wsseg.stage import Stage, fmt
 from wsseg.stages import artifacts
 from wsseg.stages.panoptic import PseudoPanoptic, TruePanoptic, evaluate_panoptic, is_panoptic, targets_from_codes
