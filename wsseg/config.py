@@ -114,7 +114,9 @@ class RunSection:
     device: str = key("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     workers: int = key(2, "processes for CPU-bound per-image work (CRF, instances) and data loading", low=0)
     amp: bool = key(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
-    channels_last: bool = key(True, "channels_last memory format on CUDA (CPU inference in make-cam always uses it)")
+    channels_last: bool = key(True, "channels_last memory format for make-cam's inference network on CUDA (on CPU it always "
+                                             "uses it); training stays contiguous, measured faster on CUDA for the "
+                                             "ResNet-50 CAM and IRN networks (docs/BENCHMARKS.md, CUDA)")
 
 
 @dataclass(frozen=True)
