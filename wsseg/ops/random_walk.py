@@ -100,6 +100,8 @@ def transition_matrix(boundary: Tensor, radius: int = RADIUS, beta: float = BETA
     with warnings.catch_warnings():
         # torch labels its CSR layout "beta"; construction and CSR @ dense are stable
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        # torch 2.11 on CUDA warns that the checks are off even when check_invariants=False says so
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         return torch.sparse_csr_tensor(crow_indices, col_indices, values, size, check_invariants=False)
 
 
