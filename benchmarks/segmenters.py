@@ -18,8 +18,9 @@ rose over the last quarter of the steps ("late gain"): under 0.01 counts as conv
 it the row is marked undertrained rather than hidden.
 
 Rows are cached under runs/bench/segmenters/<tag>/ (a finished row is not trained again while
-the steps, overrides and config file are the same), so an interrupted benchmark resumes where
-it stopped; delete the folder to start over.
+train-segmenter's fingerprint under the steps, overrides and config file is the same: a comment
+or a key the stage does not read may change), so an interrupted benchmark resumes where it
+stopped; delete the folder to start over.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,9 +57,29 @@ def copy_run(source: Path, target: Path) -> None:
 
 
 def recipe_of(args) -> dict:
-    """What a cached row must have been trained with to be reused."""
+    """The command's recipe, kept in each row: steps, overrides and the config file's text."""
     return {"steps": args.steps, "val_every": args.val_every, "set": args.set, "config": str(args.config),
             "config_text": args.config.read_text()}
+
+
+def row_overrides(recipe: dict, model: str, seed: int) -> list[str]:
+    return [f"segmenter.model={model}", f"segmenter.seed={seed}", "segmenter.labels=both",
+            f"segmenter.iterations={recipe['steps']}", f"segmenter.val_every={recipe['val_every']}", *recipe["set"]]
+
+
+def recipe_fingerprint(recipe: dict, model: str, seed: int) -> str:
+    """train-segmenter's fingerprint under a recipe: what the stage reads, its upstream stages included.
+
+    Two recipes with one fingerprint train the same thing (a comment or a key the stage does not
+    read, such as run.amp, may differ), so a row is reused exactly when the stage would be."""
+    from wsseg.config import load_config
+    from wsseg.pipeline import fingerprint, stage_by_name
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(recipe["config"]).name
+        path.write_text(recipe["config_text"])
+        config = load_config([path], row_overrides(recipe, model, seed))
+    return fingerprint(stage_by_name("train-segmenter"), config)
 
 
 def cached_row(args, model: str, seed: int, work: Path) -> dict | None:
@@ -65,7 +87,14 @@ def cached_row(args, model: str, seed: int, work: Path) -> dict | None:
     if not done.exists():
         return None
     row = json.loads(done.read_text())
-    return row if row.get("recipe") == recipe_of(args) else None
+    recipe = row.get("recipe", {})
+    if recipe == recipe_of(args):
+        return row
+    try:
+        same = recipe_fingerprint(recipe, model, seed) == recipe_fingerprint(recipe_of(args), model, seed)
+    except (KeyError, TypeError, ValueError):  # a row from an older form of this script
+        same = False
+    return row if same else None
 
 
 def train_row(args, model: str, seed: int, work: Path) -> dict:
@@ -79,8 +108,7 @@ def train_row(args, model: str, seed: int, work: Path) -> dict:
         print(f"{model} seed {seed}: the cached row was made with another recipe; training it again", flush=True)
     run_dir = row_dir / "run"
     copy_run(args.run, run_dir)
-    sets = [f"run.dir={run_dir}", f"segmenter.model={model}", f"segmenter.seed={seed}", "segmenter.labels=both",
-            f"segmenter.iterations={args.steps}", f"segmenter.val_every={args.val_every}", *args.set]
+    sets = [f"run.dir={run_dir}", *row_overrides(recipe_of(args), model, seed)]
     command = [str(WSSEG), "train-segmenter", "--config", str(args.config)] + [a for s in sets for a in ("--set", s)]
     print(" ".join(command[1:]), flush=True)
     began = time.monotonic()
@@ -159,6 +187,8 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     parser.add_argument("--cached-only", action="store_true", help="the table of the rows already trained; train nothing")
     args = parser.parse_args()
+    args.run, args.config = args.run.resolve(), args.config.resolve()
+    os.chdir(REPO)  # the config's relative paths (data.root) are the repository's, as for the commands it runs
     models = pick_names(args.models, SEGMENTERS, "--models")
     if not (args.run / "labels" / "stage.json").exists():
         # the pipeline up to the labels (~5 minutes on the demo); resumes whatever part of it is done
