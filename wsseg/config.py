@@ -107,6 +107,17 @@ MODEL_OPTIONS_DOC = ("per-model constructor options, by model name: {maxdeeplab:
                      "(and make its result stale); docs/models/<name>.md lists each model's options")
 
 
+CRF_METHOD_DOC = ("dense (pydensecrf's fully connected CRF) | conv (ConvCRF, Teichmann & Cipolla 2019: the same "
+                  "energy, messages only within crf_window x crf_window cells of the image pooled by crf_blur)")
+CRF_WINDOW_DOC = "conv CRF: window side in pooled cells (odd); it reaches (crf_window // 2) x crf_blur pixels"
+CRF_BLUR_DOC = "conv CRF: the messages run on the image pooled by this factor (1 = full resolution)"
+
+
+def _check_odd(value: int, where: str) -> None:
+    if value % 2 == 0:
+        raise UserError(f"{where}: must be odd (a window centred on its pixel), got {value}")
+
+
 @dataclass(frozen=True)
 class RunSection:
     dir: str = key("runs/voc", "run directory: every stage's artifacts and records live here")
@@ -204,6 +215,9 @@ class RelationsSection:
     crf_bilateral_srgb: float = key(5.0, "DenseCRF bilateral colour width", positive=True)
     crf_bilateral_compat: float = key(10.0, "DenseCRF bilateral kernel weight", low=0.0)
     crf_iterations: int = key(10, "mean-field iterations", low=1)
+    crf_method: str = key("dense", CRF_METHOD_DOC, choices=("dense", "conv"), neutral="dense")
+    crf_window: int = key(11, CRF_WINDOW_DOC, low=1, check=_check_odd, neutral=11)
+    crf_blur: int = key(4, CRF_BLUR_DOC, low=1, neutral=4)
 
 
 @dataclass(frozen=True)
@@ -291,6 +305,9 @@ class SegmenterSection:
     scale_range: tuple[float, float] = key((0.5, 1.5), "random rescale range before cropping")
     test_scales: tuple[float, ...] = key((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), "multi-scale inference scales (with flip)")
     crf: bool = key(True, "DenseCRF post-processing in evaluation (the model's own CRF parameters)")
+    crf_method: str = key("dense", CRF_METHOD_DOC, choices=("dense", "conv"), neutral="dense")
+    crf_window: int = key(11, CRF_WINDOW_DOC, low=1, check=_check_odd, neutral=11)
+    crf_blur: int = key(4, CRF_BLUR_DOC, low=1, neutral=4)
     sync_bn: bool = key(False, "SyncBatchNorm across processes under torchrun")
     options: typing.Mapping[str, typing.Mapping[str, typing.Any]] = key(FrozenMap(), MODEL_OPTIONS_DOC, check=_check_segmenter_options)
 

@@ -1,4 +1,5 @@
-"""Fully connected CRF (Krähenbühl & Koltun 2011) over an RGB image, via pydensecrf.
+"""Fully connected CRF (Krähenbühl & Koltun 2011) over an RGB image, via pydensecrf, or its
+windowed ConvCRF form (wsseg.ops.conv_crf) with the same parameters.
 
 Two uses in wsseg:
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
+
+from wsseg.ops.conv_crf import conv_mean_field
 
 # DeepLab v2's CRF for ResNet-101 as keyword arguments of `crf_from_probs`; the paper
 # lists them as (bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std) = (4, 67, 3, 3, 1).
@@ -48,8 +51,21 @@ def _mean_field(
     bilateral_srgb: float,
     bilateral_compat: float,
     iterations: int,
+    method: str = "dense",
+    window: int = 11,
+    blur: int = 4,
 ) -> np.ndarray:
-    """Run mean-field inference; unary (L, H·W) float32 energies. Returns Q (L, H, W) float32."""
+    """Run mean-field inference; unary (L, H·W) float32 energies. Returns Q (L, H, W) float32.
+
+    method: "dense" (pydensecrf's fully connected CRF) or "conv" (ConvCRF: the same energy with
+    messages from a `window` x `window` neighbourhood of the grid pooled by `blur`; see
+    wsseg.ops.conv_crf)."""
+    if method == "conv":
+        return conv_mean_field(image, unary, gaussian_sxy=gaussian_sxy, gaussian_compat=gaussian_compat,
+                               bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
+                               bilateral_compat=bilateral_compat, iterations=iterations, window=window, blur=blur)
+    if method != "dense":
+        raise ValueError(f"CRF method must be 'dense' or 'conv', got {method!r}")
     height, width = image.shape[:2]
     num_labels = unary.shape[0]
     crf = dcrf.DenseCRF2D(width, height, num_labels)  # pydensecrf takes width first
@@ -74,6 +90,9 @@ def crf_from_labels(
     bilateral_srgb: float = 5,
     bilateral_compat: float = 10,
     iterations: int = 10,
+    method: str = "dense",
+    window: int = 11,
+    blur: int = 4,
 ) -> np.ndarray:
     """Refine a hard label map with a DenseCRF; IRN's `crf_inference_label`.
 
@@ -81,7 +100,8 @@ def crf_from_labels(
     indices 0..num_labels-1 (IRN passes indices into its `keys`, not class ids).
     Every pixel's unary puts probability `gt_prob` on its label and spreads the rest
     evenly over the others (pydensecrf's `unary_from_labels` with zero_unsure=False:
-    no label means "unsure"). Defaults are IRN's (docs/ALGORITHMS.md §1.3).
+    no label means "unsure"). Defaults are IRN's (docs/ALGORITHMS.md §1.3). method, window,
+    blur: DenseCRF or ConvCRF, as in `_mean_field`.
     Returns (H, W) int64 label indices, the argmax of the mean-field marginals.
     """
     image = _rgb_image(image)
@@ -113,6 +133,9 @@ def crf_from_labels(
         bilateral_srgb=bilateral_srgb,
         bilateral_compat=bilateral_compat,
         iterations=iterations,
+        method=method,
+        window=window,
+        blur=blur,
     )
     return np.argmax(q, axis=0).astype(np.int64)
 
@@ -128,6 +151,9 @@ def crf_from_probs(
     gaussian_sxy: float = 3,
     iterations: int = 10,
     min_prob: float = 1e-5,
+    method: str = "dense",
+    window: int = 11,
+    blur: int = 4,
 ) -> np.ndarray:
     """Refine per-pixel class probabilities with a DenseCRF; DeepLab's post-processing.
 
@@ -137,7 +163,8 @@ def crf_from_probs(
     Defaults are DeepLab v1's (bilateral w 4, sxy 121, srgb 5; Gaussian w 3, sxy 3;
     10 iterations). For DeepLab v2 ResNet-101's (4, 67, 3, 3, 1) pass
     `**DEEPLAB_V2_RESNET101_CRF`, i.e. bilateral_weight=4, bilateral_sxy=67,
-    bilateral_srgb=3, gaussian_weight=3, gaussian_sxy=1.
+    bilateral_srgb=3, gaussian_weight=3, gaussian_sxy=1. method, window, blur: DenseCRF
+    or ConvCRF, as in `_mean_field`.
     Returns the refined distribution (L, H, W) float32 (sums to 1 over L); argmax it
     for labels.
     """
@@ -160,4 +187,7 @@ def crf_from_probs(
         bilateral_srgb=bilateral_srgb,
         bilateral_compat=bilateral_weight,
         iterations=iterations,
+        method=method,
+        window=window,
+        blur=blur,
     )

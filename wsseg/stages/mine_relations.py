@@ -36,7 +36,8 @@ def crf_labels(image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, backgr
     refined = crf_from_labels(image, indices, len(keys) + 1, gt_prob=relations.crf_gt_prob,
                               gaussian_sxy=relations.crf_gaussian_sxy, gaussian_compat=relations.crf_gaussian_compat,
                               bilateral_sxy=relations.crf_bilateral_sxy, bilateral_srgb=relations.crf_bilateral_srgb,
-                              bilateral_compat=relations.crf_bilateral_compat, iterations=relations.crf_iterations)
+                              bilateral_compat=relations.crf_bilateral_compat, iterations=relations.crf_iterations,
+                              method=relations.crf_method, window=relations.crf_window, blur=relations.crf_blur)
     class_ids = np.concatenate([[0], keys + 1]).astype(np.uint8)
     return class_ids[refined]
 

@@ -291,7 +291,8 @@ def evaluate(config: Config, store: RunStore, progress=None, device: torch.devic
         use_crf = config.segmenter.crf and config.segmenter.eval_mode == "all"
         if use_crf:
             matrices["crf"] = ConfusionMatrix(len(names))
-        crf_params = getattr(model, "crf_defaults", None) or {}
+        crf_params = {**(getattr(model, "crf_defaults", None) or {}), "method": config.segmenter.crf_method,
+                      "window": config.segmenter.crf_window, "blur": config.segmenter.crf_blur}
         predictions = folder_of(store, config, source) / "predictions"
         for image_id in (progress(ids, desc=f"evaluating {config.segmenter.model} ({source})") if progress else ids):
             image, truth = dataset.read_image(image_id), dataset.read_semantic(image_id)
@@ -350,7 +351,8 @@ STAGE = Stage(
     uses=lambda config, need: config.segmenter.labels != "gt",  # ground truth alone needs no pseudo labels
     # the chosen model's options only: another model's options do not change this one
     reads=lambda config: ("run.seed", "data.root", "data.classes", "data.segmenter_train_list", "data.val_list",
-                          "segmenter", "-segmenter.test_scales", "-segmenter.crf", "-segmenter.eval_mode",
+                          "segmenter", "-segmenter.test_scales", "-segmenter.crf", "-segmenter.crf_method",
+                          "-segmenter.crf_window", "-segmenter.crf_blur", "-segmenter.eval_mode",
                           "-segmenter.window", "-segmenter.sync_bn", "-segmenter.val_every", "-segmenter.options",
                           f"segmenter.options.{config.segmenter.model}", "-segmenter.lr_by_model",
                           *own_lr_selector(config), *unused_noisy_label_keys(config)),
