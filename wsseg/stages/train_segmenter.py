@@ -25,7 +25,7 @@ from wsseg.data.datasets import LabelledImages
 from wsseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationAugment
 from wsseg.errors import UserError
 from wsseg.metrics import ConfusionMatrix
-from wsseg.models.backbones import load_weights
+from wsseg.models.backbones import ResNet, load_weights
 from wsseg.models.segmenters import SEGMENTERS, build_segmenter
 from wsseg.models.segmenters.common import upsample_to
 from wsseg.models.segmenters.inference import dense_crf, predict_labels
@@ -74,6 +74,11 @@ def build_network(config: Config, *, load_pretrained: bool = True) -> nn.Module:
     model = build_segmenter(segmenter.model, len(config.data.classes) + 1, depth=segmenter.depth, width=segmenter.width,
                             options=segmenter.options.get(segmenter.model))
     if load_pretrained:
+        if segmenter.weights is not None and not isinstance(model.backbone, ResNet):
+            # A model with its own encoder (LEDNet): ResNet weights have nowhere to go.
+            raise UserError(f"segmenter.weights: {segmenter.model} has its own encoder, not a ResNet, "
+                            f"so ResNet weights ('{segmenter.weights}') cannot load into it; "
+                            "set segmenter.weights: null (random init)")
         load_weights(model.backbone, segmenter.weights)
     return model
 

@@ -1,4 +1,4 @@
-"""The tiny fixed batch every segmenter test trains on, and a few SGD steps over it."""
+"""The tiny fixed batch every segmenter test trains on, a few SGD steps over it, and shared checks."""
 
 from __future__ import annotations
 
@@ -54,3 +54,28 @@ def assert_param_groups_partition(model) -> None:
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+
+
+def eval_outputs(model, num_classes: int, size: tuple[int, int] = (65, 49)) -> dict[str, torch.Tensor]:
+    """In eval mode, predict() on an odd-sized image gives logits at the input size, the same twice;
+    returns forward()'s outputs on that image (for the caller's stride checks)."""
+    model.eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        first, second = model.predict(x), model.predict(x)
+        outputs = model(x)
+    assert first.shape == (1, num_classes, *size)
+    assert torch.equal(first, second)
+    return outputs
+
+
+def randomise_bn(module: torch.nn.Module, seed: int = 1) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so eval-mode checks see them."""
+    generator = torch.Generator().manual_seed(seed)
+    for bn in module.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            bn.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            bn.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)

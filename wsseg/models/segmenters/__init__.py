@@ -16,10 +16,14 @@ from typing import Any, Mapping
 from torch import nn
 
 from wsseg.errors import UserError
+from wsseg.models.segmenters.bisenet import BiSeNet
+from wsseg.models.segmenters.danet import DANet
 from wsseg.models.segmenters.deeplab import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus
 from wsseg.models.segmenters.dilated_context import DilatedContext
 from wsseg.models.segmenters.encnet import EncNet
+from wsseg.models.segmenters.fastfcn import FastFCN
 from wsseg.models.segmenters.fcn import FCN8s, FCN16s, FCN32s, FCNDilated
+from wsseg.models.segmenters.lednet import LEDNet
 from wsseg.models.segmenters.maxdeeplab import MaXDeepLab
 from wsseg.models.segmenters.mcibi import MCIBI
 from wsseg.models.segmenters.pspnet import PSPNet
@@ -39,6 +43,10 @@ SEGMENTERS: dict[str, type[nn.Module]] = {
     "mcibi": MCIBI,
     "refinenet": RefineNet,
     "dilated-context": DilatedContext,
+    "danet": DANet,
+    "fastfcn": FastFCN,
+    "bisenet": BiSeNet,
+    "lednet": LEDNet,
     "maxdeeplab": MaXDeepLab,
 }
 

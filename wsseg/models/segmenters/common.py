@@ -273,6 +273,18 @@ class Segmenter(nn.Module):
         terms["total"] = total
         return terms
 
+    def add_pixel_terms(self, terms: dict[str, Tensor], outputs: dict[str, Tensor], labels: Tensor,
+                        keys: Sequence[str], weight: float) -> dict[str, Tensor]:
+        """For each of `keys` in `outputs`: its `pixel_loss` as a term, and weight x it added to
+        terms["total"] (extra supervised outputs: DANet's branches, BiSeNet's context heads)."""
+        total = terms.pop("total")
+        for key in keys:
+            if key in outputs:
+                terms[key] = self.pixel_loss(outputs[key], labels)
+                total = total + weight * terms[key]
+        terms["total"] = total  # last, as every model's terms
+        return terms
+
     def pixel_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The per-pixel classification loss of every labelled output: cross-entropy at
         `label_size_from`, with boundary label relaxation when `label_relaxation` > 0."""

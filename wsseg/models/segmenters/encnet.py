@@ -129,7 +129,50 @@ def class_presence(labels: Tensor, num_classes: int) -> Tensor:
     return presence[:, :num_classes]
 
 
-class EncNet(Segmenter):
+def se_loss(se_logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """EncNet's SE-loss: sigmoid BCE of SE logits (B, num_classes) against `class_presence` of
+    the labels, mean over images and classes (float32)."""
+    return F.binary_cross_entropy_with_logits(se_logits.float(), class_presence(labels, num_classes))
+
+
+class SELossSegmenter(Segmenter):
+    """A segmenter whose head also predicts which classes the image holds (EncNet's SE-loss).
+
+    Subclasses implement `head_with_se(features) -> (main logits, SE logits or None)` and set
+    `se_weight`; forward adds "se" to the outputs and loss adds the weighted SE term."""
+
+    se_weight: float
+
+    def head_with_se(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def head(self, features: dict[str, Tensor]) -> Tensor:
+        return self.head_with_se(features)[0]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x (B, 3, H, W) -> {"out", "aux" (if aux), "se" (if the head predicts it)}."""
+        features = self.backbone(x)
+        logits, se_logits = self.head_with_se(features)
+        outputs = {"out": logits}
+        if self.aux_head is not None:
+            outputs["aux"] = self.aux_head(features["layer3"])
+        if se_logits is not None:
+            outputs["se"] = se_logits
+        return outputs
+
+    def loss(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """"main" and "aux" CE (upsampled logits, 255 ignored), "se": `se_loss` (sigmoid BCE of the
+        SE logits against class presence, mean over images and classes); "total"."""
+        terms = super().loss(outputs, labels)
+        total = terms.pop("total")
+        if "se" in outputs:
+            terms["se"] = se_loss(outputs["se"], labels, self.num_classes)
+            total = total + self.se_weight * terms["se"]
+        terms["total"] = total
+        return terms
+
+
+class EncNet(SELossSegmenter):
     """EncNet: dilated ResNet -> 3x3 conv 512 (BN, ReLU) [-> lateral fusion] -> context
     encoding -> dropout 0.1 -> 1x1 classifier; SE-loss; aux head on layer3.
 
@@ -179,7 +222,7 @@ class EncNet(Segmenter):
         self.aux_head = (AuxHead(self.backbone.channels["layer3"], num_classes,
                                  channels=head_channels(self.backbone, 256)) if aux else None)
 
-    def _encode(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    def head_with_se(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         x = self.conv5(features["layer4"])
         if self.lateral:
             size = x.shape[-2:]
@@ -191,28 +234,3 @@ class EncNet(Segmenter):
         x, se_logits = self.context(x)
         return self.classifier(self.dropout(x)), se_logits
 
-    def head(self, features: dict[str, Tensor]) -> Tensor:
-        return self._encode(features)[0]
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """x (B, 3, H, W) -> {"out", "aux" (if aux), "se" (if se_loss)}."""
-        features = self.backbone(x)
-        logits, se_logits = self._encode(features)
-        outputs = {"out": logits}
-        if self.aux_head is not None:
-            outputs["aux"] = self.aux_head(features["layer3"])
-        if se_logits is not None:
-            outputs["se"] = se_logits
-        return outputs
-
-    def loss(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
-        """"main" and "aux" CE (upsampled logits, 255 ignored), "se": sigmoid BCE of the SE
-        logits against class presence, mean over images and classes; "total"."""
-        terms = super().loss(outputs, labels)
-        total = terms.pop("total")
-        if "se" in outputs:
-            targets = class_presence(labels, self.num_classes)
-            terms["se"] = F.binary_cross_entropy_with_logits(outputs["se"].float(), targets)
-            total = total + self.se_weight * terms["se"]
-        terms["total"] = total
-        return terms
