@@ -3,8 +3,8 @@
 A fully connected CRF sends every pixel a message from every other pixel, which needs the
 permutohedral lattice to be affordable. ConvCRF assumes the messages from far away are
 negligible once the Gaussian kernels have decayed, and keeps only a `window` x `window`
-neighbourhood: the message of every pixel is then a per-pixel-weighted convolution (an
-unfold, a product and a sum), exact for that window, and runs as plain tensor ops on CPU or
+neighbourhood: the message of every pixel is then a per-pixel-weighted convolution (a
+multiply-add per offset), exact for that window, and runs as plain tensor ops on CPU or
 GPU. To reach further at the same cost, the paper computes the messages on a grid pooled by
 `blur` (avg-pooled features and marginals, messages upsampled bilinearly back): a window of 11
 at blur 4 spans +-20 pixels.
@@ -55,26 +55,41 @@ def _unpool(values: Tensor, blur: int, size: tuple[int, int]) -> Tensor:
     return upsampled[0, :, : size[0], : size[1]]
 
 
+def _offsets(window: int):
+    """(row, column) shifts of a window x window neighbourhood, row-major from (-r, -r)."""
+    radius = window // 2
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+
+
 def window_kernel(features: Tensor, window: int) -> Tensor:
     """exp(-|f_i - f_j|^2 / 2) for every pixel i and every j in its window x window neighbourhood.
 
     features (D, h, w), already divided by their kernel widths. Returns (window^2, h, w), the
-    offsets in unfold's order (row-major, (-r, -r) first); 0 where j falls outside the image."""
+    offsets in `_offsets` order; 0 where j falls outside the image. One offset at a time: the
+    (D, window^2, h, w) of all neighbours at once would be hundreds of MB at VOC sizes."""
     radius = window // 2
     depth, height, width = features.shape
-    neighbours = F.unfold(features[None], window, padding=radius).view(depth, window * window, height, width)
-    inside = F.unfold(torch.ones(1, 1, height, width, dtype=features.dtype, device=features.device), window,
-                      padding=radius).view(window * window, height, width)
-    distance = (neighbours - features[:, None]).square().sum(dim=0)
-    return torch.exp(-0.5 * distance) * inside
+    padded = F.pad(features, (radius, radius, radius, radius))
+    inside = F.pad(torch.ones(1, height, width, dtype=features.dtype, device=features.device),
+                   (radius, radius, radius, radius))
+    kernel = features.new_empty(window * window, height, width)
+    for index, (dy, dx) in enumerate(_offsets(window)):
+        rows, cols = slice(radius + dy, radius + dy + height), slice(radius + dx, radius + dx + width)
+        distance = (padded[:, rows, cols] - features).square().sum(dim=0)
+        kernel[index] = torch.exp(-0.5 * distance) * inside[0, rows, cols]
+    return kernel
 
 
 def _message(kernel: Tensor, norm: Tensor, q: Tensor, window: int) -> Tensor:
-    """norm * sum_j kernel_ij * (norm * q)_j over the window; q (L, h, w)."""
-    labels, height, width = q.shape
-    scaled = (q * norm)[None]
-    neighbours = F.unfold(scaled, window, padding=window // 2).view(labels, window * window, height, width)
-    return norm * (neighbours * kernel[None]).sum(dim=1)
+    """norm * sum_j kernel_ij * (norm * q)_j over the window; q (L, h, w). A multiply-add per
+    offset (on CPU 8-18x faster than unfolding every neighbour at once, measured at 94x125)."""
+    radius = window // 2
+    height, width = q.shape[-2:]
+    padded = F.pad(q * norm, (radius, radius, radius, radius))
+    message = torch.zeros_like(q)
+    for index, (dy, dx) in enumerate(_offsets(window)):
+        message.add_(kernel[index] * padded[:, radius + dy: radius + dy + height, radius + dx: radius + dx + width])
+    return norm * message
 
 
 def conv_mean_field(
