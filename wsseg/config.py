@@ -142,6 +142,10 @@ class DataSection:
     cls_labels: typing.Optional[str] = key(None, "IRN's cls_labels.npy for image tags instead of the XML annotations")
     label_dirs: tuple[str, ...] = key(("SegmentationClass", "SegmentationClassAug"), "folders searched in order for ground-truth class maps")
     on_bad_image: str = key("error", "error: stop at an unreadable image; skip: leave it out and report it", choices=("error", "skip"))
+    depth_dir: typing.Optional[str] = key(None, "folder of depth maps for RGB-D segmenters (segmenter.model: acnet): one 16-bit "
+                                                "PNG per image, <id>.png, larger = farther, 0 = no reading; relative to data.root "
+                                                "or absolute (`wsseg demo-data` writes Depth). null = no depth; models "
+                                                "that take RGB alone never read it", neutral=None)
 
 
 @dataclass(frozen=True)

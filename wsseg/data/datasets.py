@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from wsseg.data.transforms import normalize
+from wsseg.data.transforms import normalize, normalize_depth
 from wsseg.data.voc import VOCDataset
 from wsseg.errors import UserError
 
@@ -21,7 +21,7 @@ PairTransform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np
 
 
 def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) float32 -> contiguous (3, H, W) float32 tensor."""
+    """(H, W, C) float32 -> contiguous (C, H, W) float32 tensor (C = 3, or 4 with depth)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1)))
 
 
@@ -88,6 +88,11 @@ class LabelledImages(_SeededItems):
     gives the (H, W) uint8 map at the image's size (0 background, 1..C, 255 ignore);
     `transform(uint8 image, label, rng) -> (float32 (h, w, 3), label (h, w))` augments and
     normalises (e.g. `transforms.SegmentationAugment`); None only normalises.
+
+    depth=True (RGB-D segmenters): the image's depth map (`voc.read_depth`) travels with it, the
+    transform is called as `transform(image, label, rng, depth=depth)` and returns (image, label,
+    float32 depth) (`SegmentationAugment` does), and "image" is (4, h, w): the normalised RGB and
+    the normalised depth (`transforms.normalize_depth`) as the fourth channel.
     """
 
     def __init__(
@@ -99,12 +104,14 @@ class LabelledImages(_SeededItems):
         *,
         seed: int = 0,
         tags: bool = False,
+        depth: bool = False,
     ) -> None:
         super().__init__(ids, seed)
         self.voc = voc
         self.label_reader = label_reader
         self.transform = transform
         self.tags = tags
+        self.depth = depth
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
@@ -115,7 +122,19 @@ class LabelledImages(_SeededItems):
                 f"label map of image {image_id} is {label.shape[1]}x{label.shape[0]} but "
                 f"{self.voc.image_path(image_id)} is {image.shape[1]}x{image.shape[0]}; they must match"
             )
-        if self.transform is None:
+        if self.depth:
+            depth = self.voc.read_depth(image_id)
+            if depth.shape != image.shape[:2]:
+                raise UserError(
+                    f"depth map {self.voc.depth_path(image_id)} is {depth.shape[1]}x{depth.shape[0]} but "
+                    f"{self.voc.image_path(image_id)} is {image.shape[1]}x{image.shape[0]}; they must match"
+                )
+            if self.transform is None:
+                image, depth = normalize(image), normalize_depth(depth)
+            else:
+                image, label, depth = self.transform(image, label, self._rng(index), depth=depth)
+            image = np.concatenate([image, depth[:, :, None]], axis=2)
+        elif self.transform is None:
             image = normalize(image)
         else:
             image, label = self.transform(image, label, self._rng(index))

@@ -26,9 +26,19 @@ the long side is `size`, the short side 0.7-1.0 x `size`, landscape or portrait.
 VOC, a void band (255) of width ~size/64 px runs along every object outline (against
 the background and between objects) in both SegmentationClass and SegmentationObject.
 
+Every image also gets a depth map, `Depth/<id>.png` (16-bit, millimetres, larger = farther,
+0 = no reading; for RGB-D segmenters, `data.depth_dir: Depth`), drawn from the same scene: the
+ground is a plane seen from above whose depth grows towards the top of the image (1.5 m at the
+bottom row), a wall or a cloud backdrop is a flat far plane (6 m), the sky above a water
+horizon has no reading (0), and each object is a flat face standing on the ground at its
+lowest row, a little nearer than the ground there, each drawn object nearer than every object
+drawn before it (which it may hide); 1 % multiplicative noise and 0.5 % dropped pixels (0).
+
 Everything derives from the seed: image `i` is drawn from `numpy.random.default_rng([seed,
 i])`, so it does not depend on `num_images`, and two runs with the same arguments write
-byte-identical files. Each file is written under a temporary name and renamed into place.
+byte-identical files. The depth map's noise has its own stream, `default_rng([seed, i,
+DEPTH_STREAM])`, so adding it changed no image, label or tag. Each file is written under a
+temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from wsseg.data.images import write_label_png
+from wsseg.data.images import write_depth_png, write_label_png
 from wsseg.errors import UserError
 
 # ---- dataset-level constants
@@ -166,6 +176,19 @@ BALL = (240, 204, 36)
 BALL_BAND = (215, 50, 30)
 
 NOISE_SIGMA = 3.0  # sensor noise added to the whole image, in 0..255 units
+
+# ---- depth maps (Depth/<id>.png, uint16 millimetres; 0 = no reading)
+
+DEPTH_STREAM = 0x64657074  # "dept": the depth noise's generator is default_rng([seed, index, DEPTH_STREAM])
+DEPTH_NEAR_MM = 1500.0  # the ground at the bottom image row
+DEPTH_HORIZON = -0.6  # the ground's vanishing row, as a share of the height (< 0: above the image, no sky)
+DEPTH_FAR_MM = 15000.0  # the ground's depth is clipped here (near a water horizon it grows without bound)
+DEPTH_BACKDROP_MM = 6000.0  # wall and clouds: a flat backdrop, farther than any object (at most ~4 m)
+BACKDROPS = ("wall", "clouds")
+DEPTH_OBJECT_FACTOR = 0.97  # an object's face: this share of the ground's depth at its lowest row ...
+DEPTH_ORDER_STEP = 0.01  # ... less this share per object drawn before it: an occluder is always nearer
+DEPTH_NOISE = 0.01  # multiplicative N(0, 1 %) noise
+DEPTH_DROPOUT = 0.005  # share of pixels without a reading (0)
 
 
 # ---- background textures: (rng, height, width, unit) -> (H, W, 3) float32 in 0..255
@@ -704,6 +727,7 @@ class DemoScene:
     background: str  # the texture under the objects (water scenes may also show sky)
     horizon: int | None  # row where the sky ends in a water scene, else None
     classes: tuple[str, ...] = field(default=())  # the present class names, in class-id order
+    depth: np.ndarray | None = None  # (H, W) uint16 millimetres, larger = farther, 0 = no reading
 
 
 def void_width(size: int) -> int:
@@ -873,6 +897,36 @@ def _void_band(object_map: np.ndarray, width: int) -> np.ndarray:
     )
 
 
+def _ground_depth(height: int, width: int, horizon: int | None) -> np.ndarray:
+    """(H, W) float32 millimetres of a ground plane seen from above: DEPTH_NEAR_MM at the bottom row,
+    growing as 1 / (row - vanishing row) towards the top (the vanishing row is the water horizon
+    when there is one, else above the image), clipped at DEPTH_FAR_MM."""
+    vanishing = float(horizon) if horizon is not None else DEPTH_HORIZON * height
+    rows = np.arange(height, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        depth = DEPTH_NEAR_MM * (height - 1 - vanishing) / np.maximum(rows - vanishing, 1e-6)
+    return np.broadcast_to(np.minimum(depth, DEPTH_FAR_MM)[:, None], (height, width)).astype(np.float32)
+
+
+def _depth_map(placed: list[dict], background: str, horizon: int | None, height: int, width: int,
+               rng: np.random.Generator) -> np.ndarray:
+    """The scene's depth, (H, W) uint16 millimetres (larger = farther, 0 = no reading), from the
+    objects back to front as `_place_objects` returns them (the same order they are drawn in)."""
+    ground = _ground_depth(height, width, horizon)
+    depth = np.full((height, width), DEPTH_BACKDROP_MM, np.float32) if background in BACKDROPS else ground.copy()
+    valid = np.ones((height, width), bool)
+    if horizon is not None:
+        valid[:horizon] = False  # the sky above a water horizon: out of range
+    for order, item in enumerate(placed):
+        lowest = int(np.flatnonzero(item["mask"].any(axis=1)).max())
+        face = ground[lowest, 0] * (DEPTH_OBJECT_FACTOR - DEPTH_ORDER_STEP * order)
+        depth[item["mask"]] = face
+        valid[item["mask"]] = True
+    depth = depth * (1.0 + DEPTH_NOISE * rng.standard_normal(depth.shape).astype(np.float32))
+    valid &= rng.random(depth.shape) >= DEPTH_DROPOUT
+    return np.where(valid, np.clip(np.round(depth), 1, 65535), 0).astype(np.uint16)
+
+
 def make_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE, num_classes: int = DEFAULT_NUM_CLASSES) -> DemoScene:
     """Image number `index` of the dataset with this seed and class count: pixels, both label
     maps, objects."""
@@ -911,7 +965,9 @@ def make_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE, num_classes:
         occluded = bool(item["visible"].sum() < item["mask"].sum())
         objects.append(DemoObject(number, item["name"], bbox, bool(truncated), occluded))
     present = tuple(name for name in names if any(obj.name == name for obj in objects))
-    return DemoScene(image, class_map, object_map, objects, background, horizon, present)
+    # Its own generator: the depth map draws nothing from `rng`, so the images are what they always were.
+    depth = _depth_map(placed, background, horizon, height, width, np.random.default_rng([seed, index, DEPTH_STREAM]))
+    return DemoScene(image, class_map, object_map, objects, background, horizon, present, depth)
 
 
 # ---- files
@@ -966,9 +1022,11 @@ def _write_scene(out: Path, name: str, scene: DemoScene) -> None:
     _atomic_write(out / "SegmentationClass" / f"{name}.png", lambda tmp: write_label_png(tmp, scene.class_map))
     _atomic_write(out / "SegmentationObject" / f"{name}.png", lambda tmp: write_label_png(tmp, scene.object_map))
     _write_text(out / "Annotations" / f"{name}.xml", _annotation_xml(scene, name))
+    _atomic_write(out / DEPTH_DIR / f"{name}.png", lambda tmp: write_depth_png(tmp, scene.depth))
 
 
-_IMAGE_FOLDERS = ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations")
+DEPTH_DIR = "Depth"
+_IMAGE_FOLDERS = ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations", DEPTH_DIR)
 _FOLDERS = _IMAGE_FOLDERS + ("ImageSets/Segmentation", "ImageSets/Main")
 _OWN_FILE = re.compile(re.escape(ID_PREFIX) + r"\d{6}\.(jpg|png|xml)")
 
@@ -1011,7 +1069,7 @@ def generate_demo(
     `out/wsseg_demo.json`) holds the arguments, the list sizes, images and instances per
     class, and counts of the hard cases (multi-instance, multi-class, occluded, truncated,
     boat on water, any class on its context background). `out/config.yaml` is a config
-    overlay with the dataset's root and class list, to stack on pipelines/demo.yaml.
+    overlay with the dataset's root, class list and depth folder, to stack on pipelines/demo.yaml.
     Rerunning into the same folder regenerates it in place.
     """
     names = class_names(num_classes)
@@ -1074,7 +1132,8 @@ def generate_demo(
         "backgrounds": backgrounds,
         "hard_cases": hard_cases,
     }
-    overlay = {"data": {"root": str(out.resolve()), "classes": list(names)}}  # absolute: valid from any folder
+    # root absolute: valid from any folder; depth_dir is read only by RGB-D segmenters (acnet)
+    overlay = {"data": {"root": str(out.resolve()), "classes": list(names), "depth_dir": DEPTH_DIR}}
     _write_text(out / "config.yaml", "# stack on pipelines/demo.yaml: --config pipelines/demo.yaml --config "
                 f"{out / 'config.yaml'}\n" + yaml.safe_dump(overlay, default_flow_style=None, sort_keys=False))
     _write_text(out / MARKER, json.dumps(summary, indent=2) + "\n")

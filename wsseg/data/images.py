@@ -71,6 +71,33 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
+def read_depth_png(path: str | os.PathLike) -> np.ndarray:
+    """A depth map stored as a 16-bit grayscale PNG, as (H, W) uint16: larger = farther, 0 = no reading.
+
+    PIL reads such a file as mode I;16 (or I, 32-bit, for some writers: its values must fit 16 bits).
+    An 8-bit or colour PNG is refused: its values are not distances.
+    """
+    image = _open(Path(path))
+    if image.mode in ("I;16", "I;16L", "I;16B"):
+        return np.asarray(image).astype(np.uint16)
+    if image.mode == "I":
+        values = np.asarray(image)
+        if values.min() >= 0 and values.max() <= 65535:
+            return values.astype(np.uint16)
+    raise UserError(
+        f"{path}: a depth map must be a 16-bit grayscale PNG (larger = farther, 0 = no reading), "
+        f"found mode {image.mode}; write it as uint16"
+    )
+
+
+def write_depth_png(path: str | os.PathLike, depth: np.ndarray) -> None:
+    """Write an (H, W) uint16 depth map as a 16-bit grayscale PNG (the caller makes the write atomic)."""
+    depth = np.asarray(depth)
+    if depth.ndim != 2 or depth.dtype != np.uint16:
+        raise ValueError(f"depth map must be (H, W) uint16, got {depth.shape} {depth.dtype}")
+    Image.fromarray(depth).save(path, format="PNG")
+
+
 def write_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray = VOC_PALETTE) -> None:
     """Write an (H, W) uint8 label map as a palette PNG (VOC colours, readable by every VOC tool).
 

@@ -1,6 +1,7 @@
 """Image and label-map transforms on numpy arrays (docs/ALGORITHMS.md §1.1, §1.5, §2).
 
-Images are (H, W, 3): uint8 before `normalize`, float32 after. Label maps are (H, W)
+Images are (H, W, 3): uint8 before `normalize`, float32 after. Depth maps are (H, W) uint16
+before `normalize_depth` (larger = farther, 0 = no reading), float32 after. Label maps are (H, W)
 integer arrays (uint8 class ids, uint16 instance ids, ...). Every random transform takes
 an explicit `rng: np.random.Generator` and no global random state, so a data item's
 augmentation is a function of its generator alone.
@@ -22,6 +23,12 @@ from PIL import Image
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+# Depth (RGB-D segmenters): PNG units per metre (millimetres: NYU Depth v2, SUN RGB-D, the demo) and
+# the mean and standard deviation in metres of ACNet's NYUv2 training depth (the authors' code).
+DEPTH_UNITS_PER_METRE = 1000.0
+DEPTH_MEAN_METRES = 2.8424503515351494
+DEPTH_STD_METRES = 0.9932836506164299
+
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 Labels = Any  # None | np.ndarray | tuple/list of np.ndarray
@@ -39,6 +46,17 @@ def _map_labels(labels: Labels, function: Callable[[np.ndarray, int], np.ndarray
 def normalize(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W, 3) float32, (x / 255 - mean) / std."""
     return ((np.asarray(image, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+
+
+def normalize_depth(depth: np.ndarray) -> np.ndarray:
+    """(H, W) uint16 depth -> (H, W) float32: metres (value / 1000) standardised with ACNet's NYUv2
+    mean and std, (d - 2.842) / 0.993. A pixel without a reading (0) becomes 0, the mean depth: the
+    value the crops' padding gets too, so "no reading" and "outside the image" look alike and
+    neither looks like a very near surface."""
+    depth = np.asarray(depth)
+    metres = depth.astype(np.float32) / DEPTH_UNITS_PER_METRE
+    standard = (metres - DEPTH_MEAN_METRES) / DEPTH_STD_METRES
+    return np.where(depth > 0, standard, 0.0).astype(np.float32)
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
@@ -196,6 +214,12 @@ class SegmentationAugment:
     Random rescale in `scale_range`, flip, normalise, random crop (image padded with 0 =
     mean colour, label with 255 = ignore). `scale_range=None` keeps the size,
     `crop_size=None` skips the crop.
+
+    With `depth` ((H, W) uint16, RGB-D segmenters) it returns (image, label, float32 depth): the
+    depth moves with the label (the same rescale, nearest neighbour as ACNet's code, so no
+    depth is invented between a surface and what lies behind it, and 0 = no reading stays 0;
+    the same flip and crop, padded with 0 = no reading), then `normalize_depth`. The random
+    draws are the same with and without depth.
     """
 
     scale_range: tuple[float, float] | None = (0.5, 1.5)  # IRN train-irn; segmenters use 0.5-2.0
@@ -203,12 +227,16 @@ class SegmentationAugment:
     flip: bool = True
     method: str = "bicubic"  # IRN rescales images bicubic; segmenter toolboxes use bilinear
 
-    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                 depth: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        labels = label if depth is None else (label, depth)
         if self.scale_range is not None:
-            image, label = random_scale(image, label, self.scale_range[0], self.scale_range[1], rng, self.method)
+            image, labels = random_scale(image, labels, self.scale_range[0], self.scale_range[1], rng, self.method)
         if self.flip:
-            image, label = random_flip(image, label, rng)
+            image, labels = random_flip(image, labels, rng)
         image = normalize(image)
         if self.crop_size is not None:
-            image, label, _ = random_crop(image, label, self.crop_size, rng, label_fill=255)
-        return image, label
+            image, labels, _ = random_crop(image, labels, self.crop_size, rng, label_fill=255 if depth is None else (255, 0))
+        if depth is None:
+            return image, labels
+        return image, labels[0], normalize_depth(labels[1])

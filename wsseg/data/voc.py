@@ -7,6 +7,7 @@
 <root>/SegmentationClass/<id>.png          semantic labels, palette PNG (VOC)
 <root>/SegmentationClassAug/<id>.png       semantic labels, grayscale PNG (SBD, "train_aug")
 <root>/SegmentationObject/<id>.png         instance indices, palette PNG (VOC)
+<root>/<depth_dir>/<id>.png                depth maps, 16-bit PNG (optional: RGB-D segmenters; data.depth_dir)
 ```
 
 Any dataset in this layout works: the class list comes from the caller (config
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from wsseg.data.images import read_image, read_label_png
+from wsseg.data.images import read_depth_png, read_image, read_label_png
 from wsseg.errors import UserError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -135,7 +136,8 @@ class VOCDataset:
     wrap it. `classes` are the foreground names in label order; `cls_labels` is an
     optional IRN cls_labels.npy (absolute or relative to `root`) that replaces the XML
     annotations as the source of tags; `label_dirs` are the semantic label folders in
-    priority order.
+    priority order; `depth_dir` is the optional folder of depth maps (absolute or relative to
+    `root`; config `data.depth_dir`), read only by `read_depth`.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class VOCDataset:
         *,
         cls_labels: str | None = None,
         label_dirs: Sequence[str] = ("SegmentationClass", "SegmentationClassAug"),
+        depth_dir: str | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -168,6 +171,9 @@ class VOCDataset:
         if cls_labels is not None:
             self._cls_labels_path = Path(cls_labels) if Path(cls_labels).is_absolute() else self.root / cls_labels
             self._cls_labels = self._load_cls_labels(self._cls_labels_path)
+        self.depth_dir: Path | None = None
+        if depth_dir is not None:
+            self.depth_dir = Path(depth_dir) if Path(depth_dir).is_absolute() else self.root / depth_dir
 
     # ---- images
 
@@ -177,6 +183,20 @@ class VOCDataset:
     def read_image(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB."""
         return read_image(self.image_path(image_id))
+
+    def depth_path(self, image_id: str) -> Path:
+        if self.depth_dir is None:
+            raise UserError("data.depth_dir: not set; point it at the folder of 16-bit depth PNGs, one <id>.png per image "
+                            "(relative to data.root or absolute)")
+        return self.depth_dir / f"{image_id}.png"
+
+    def read_depth(self, image_id: str) -> np.ndarray:
+        """(H, W) uint16 depth of the image from `depth_dir`: larger = farther, 0 = no reading."""
+        path = self.depth_path(image_id)
+        if not path.is_file():
+            raise UserError(f"data.depth_dir: depth image {path} not found; every image needs its depth map there "
+                            f"as <id>.png (16-bit, larger = farther, 0 = no reading)")
+        return read_depth_png(path)
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         """(H, W) from the file header, without decoding the pixels."""

@@ -26,7 +26,8 @@ from wsseg.store import RunStore, atomic_path, read_json
 
 
 def open_dataset(config: Config) -> VOCDataset:
-    return VOCDataset(config.data.root, config.data.classes, cls_labels=config.data.cls_labels, label_dirs=config.data.label_dirs)
+    return VOCDataset(config.data.root, config.data.classes, cls_labels=config.data.cls_labels, label_dirs=config.data.label_dirs,
+                      depth_dir=config.data.depth_dir)
 
 
 def require_dataset_root(config: Config) -> Path:
