@@ -288,7 +288,10 @@ def inspect_command(config, image_ids: tuple[str, ...], out: Path | None, worst:
               help="Which trained copy: on pseudo labels or on ground truth.")
 @click.option("--mode", type=click.Choice(["single", "msflip"]), default="single", show_default=True)
 @click.option("--overlay", is_flag=True, help="Also write <name>_overlay.png (labels over the image).")
-def predict_command(config, images_dir: Path, out: Path, model_name: str | None, source: str, mode: str, overlay: bool) -> None:
+@click.option("--depth", "depth_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="RGB-D models (acnet): folder of 16-bit depth maps, <name>.png per image.")
+def predict_command(config, images_dir: Path, out: Path, model_name: str | None, source: str, mode: str, overlay: bool,
+                    depth_dir: Path | None) -> None:
     """Label a folder of new images with a trained segmenter (palette PNGs, VOC colours)."""
     import dataclasses
 
@@ -299,7 +302,7 @@ def predict_command(config, images_dir: Path, out: Path, model_name: str | None,
         config = dataclasses.replace(config, segmenter=dataclasses.replace(config.segmenter, model=model_name))
     device = resolve_device(config.run.device)
     failed = predict_folder(config, images_dir, out, source=source, mode=mode, overlay=overlay, device=device,
-                            progress=lambda items, desc: Progress(items, None, desc))
+                            progress=lambda items, desc: Progress(items, None, desc), depth=depth_dir)
     if failed:
         for name, reason in failed.items():
             click.echo(f"wsseg: skipped {name}: {reason}", err=True)

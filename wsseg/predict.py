@@ -9,21 +9,29 @@ import torch
 
 from wsseg import viz
 from wsseg.config import Config
-from wsseg.data.images import read_image
+from wsseg.data.images import read_depth_png, read_image
 from wsseg.errors import UserError
 from wsseg.models.segmenters.inference import predict_labels
 from wsseg.stages import artifacts
-from wsseg.stages.train_segmenter import folder_of, load_network
+from wsseg.stages.train_segmenter import folder_of, load_network, needs_depth
 from wsseg.store import RunStore, atomic_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def predict_folder(config: Config, images: Path, out: Path, *, source: str, mode: str, overlay: bool,
-                   device: torch.device, progress=None) -> dict[str, str]:
-    """Write <out>/<stem>.png for every image in `images`; returns {file name: reason} for those that failed."""
+                   device: torch.device, progress=None, depth: Path | None = None) -> dict[str, str]:
+    """Write <out>/<stem>.png for every image in `images`; returns {file name: reason} for those that failed.
+
+    An RGB-D model (ACNet) also reads `depth`/<stem>.png, the image's 16-bit depth map (as data.depth_dir's);
+    an RGB model ignores `depth`."""
     if not images.is_dir():
         raise UserError(f"--images: {images} is not a folder")
+    if needs_depth(config) and depth is None:
+        raise UserError(f"segmenter.model: {config.segmenter.model} needs depth images; pass --depth DIR, a folder with "
+                        f"one 16-bit <name>.png per image (larger = farther, 0 = no reading)")
+    if needs_depth(config) and not depth.is_dir():
+        raise UserError(f"--depth: {depth} is not a folder")
     store = RunStore(Path(config.run.dir))
     if not (folder_of(store, config, source) / "model.pt").exists():
         raise UserError(f"no trained {config.segmenter.model} on {source} labels in {config.run.dir}; "
@@ -41,8 +49,17 @@ def predict_folder(config: Config, images: Path, out: Path, *, source: str, mode
         except UserError as error:
             failed[path.name] = str(error).split(": ", 1)[-1]
             continue
+        try:
+            depth_map = read_depth_png(depth / f"{path.stem}.png") if needs_depth(config) else None
+        except UserError as error:  # names the depth file
+            failed[path.name] = str(error)
+            continue
+        if depth_map is not None and depth_map.shape != image.shape[:2]:
+            failed[path.name] = (f"its depth map {depth / f'{path.stem}.png'} is {depth_map.shape[1]}x{depth_map.shape[0]}, "
+                                 f"the image {image.shape[1]}x{image.shape[0]}")
+            continue
         labels, _ = predict_labels(model, image, device=device, mode=mode, scales=config.segmenter.test_scales,
-                                   window=config.segmenter.window or None)
+                                   window=config.segmenter.window or None, depth=depth_map)
         artifacts.write_labels(out / f"{path.stem}.png", labels)
         if overlay:
             picture = viz.overlay(image, viz.label_colors(labels), 0.6, mask=labels > 0)

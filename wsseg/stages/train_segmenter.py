@@ -80,6 +80,8 @@ def build_network(config: Config, *, load_pretrained: bool = True) -> nn.Module:
                             f"so ResNet weights ('{segmenter.weights}') cannot load into it; "
                             "set segmenter.weights: null (random init)")
         load_weights(model.backbone, segmenter.weights)
+        if segmenter.weights is not None:  # a model with more ResNet branches starts them from these too (ACNet)
+            getattr(model, "backbone_weights_loaded", lambda: None)()
     return model
 
 
@@ -92,6 +94,36 @@ def load_network(config: Config, store: RunStore, source: str) -> nn.Module:
 
 def training_seed(config: Config) -> int:
     return config.run.seed if config.segmenter.seed is None else config.segmenter.seed
+
+
+def needs_depth(config: Config) -> bool:
+    """Whether the chosen model takes RGB-D input (`input_channels` 4: ACNet)."""
+    return getattr(SEGMENTERS[config.segmenter.model], "input_channels", 3) == 4
+
+
+def check_depth(config: Config) -> None:
+    """One line when an RGB-D model is chosen without depth maps to read (before any training)."""
+    if not needs_depth(config):
+        return
+    model, depth_dir = config.segmenter.model, config.data.depth_dir
+    if depth_dir is None:
+        raise UserError(f"segmenter.model: {model} needs depth images; set data.depth_dir to the folder of 16-bit "
+                        f"<id>.png depth maps (relative to data.root or absolute; `wsseg demo-data` writes Depth), "
+                        f"or choose an RGB model")
+    folder = artifacts.open_dataset(config).depth_dir
+    if not folder.is_dir():
+        raise UserError(f"segmenter.model: {model} needs depth images; set data.depth_dir: {folder} is not a folder "
+                        f"(give the folder of 16-bit <id>.png depth maps, relative to data.root or absolute)")
+
+
+def depth_reads(config: Config) -> tuple[str, ...]:
+    """data.depth_dir for an RGB-D model only: an RGB model never reads it, and its fingerprint stays as it was."""
+    return ("data.depth_dir",) if needs_depth(config) else ()
+
+
+def image_depth(config: Config, dataset, image_id: str) -> np.ndarray | None:
+    """The image's depth map for an RGB-D model, None for an RGB one."""
+    return dataset.read_depth(image_id) if needs_depth(config) else None
 
 
 def learning_rates(config: Config) -> tuple[float, float]:
@@ -136,7 +168,7 @@ def validation_miou(config: Config, model: nn.Module, device: torch.device) -> f
     model.eval()
     for image_id in ids:
         labels, _ = predict_labels(model, dataset.read_image(image_id), device=device, mode="single", scales=(1.0,),
-                                   window=config.segmenter.window or None)
+                                   window=config.segmenter.window or None, depth=image_depth(config, dataset, image_id))
         matrix.update(labels, dataset.read_semantic(image_id))
     return matrix.summary()["miou"]
 
@@ -190,7 +222,7 @@ def train_one(ctx: StageContext, source: str) -> dict:
                      " / ".join(NOISY_LABEL_KEYS))
     seed = training_seed(config)
     images = LabelledImages(dataset, ids, reader, SegmentationAugment(scale_range=segmenter.scale_range, crop_size=segmenter.crop),
-                            seed=seed)
+                            seed=seed, depth=needs_depth(config))
     per_process = segmenter.batch_size // ctx.dist.world_size
     if per_process < 2 and not (segmenter.sync_bn and ctx.dist.enabled):
         raise UserError(f"segmenter.batch_size: {segmenter.batch_size} gives {per_process} image per process; BatchNorm "
@@ -198,6 +230,8 @@ def train_one(ctx: StageContext, source: str) -> dict:
     # The recipe counts optimisation steps; the loop counts epochs (checkpoints are per epoch).
     steps_per_epoch = len(images) // segmenter.batch_size
     epochs = max(1, math.ceil(segmenter.iterations * segmenter.batch_size / len(images)))
+    if not panoptic:  # the model's look at its training labels (DUpsampling fits W to them; a no-op for most)
+        model.fit_to_labels(torch.from_numpy(np.asarray(reader(i), dtype=np.int64)) for i in ids)
     model.begin_training(steps_per_epoch=steps_per_epoch, max_steps=epochs * steps_per_epoch)
     model.label_relaxation = segmenter.label_relaxation if noisy else 0
     crf_weight = segmenter.gated_crf if noisy else 0.0
@@ -211,7 +245,7 @@ def train_one(ctx: StageContext, source: str) -> dict:
         targets = targets_from_codes(batch["label"]) if panoptic else batch["label"]
         terms = _unwrap(net).loss(outputs, targets)
         if crf_weight > 0:
-            terms["gated_crf"] = gated_crf_term(outputs["out"], batch["image"])
+            terms["gated_crf"] = gated_crf_term(outputs["out"], batch["image"][:, :3])  # RGB (an RGB-D crop has depth 4th)
             terms["total"] = terms["total"] + crf_weight * terms["gated_crf"]
         return terms
 
@@ -243,6 +277,7 @@ def train_one(ctx: StageContext, source: str) -> dict:
 
 def run(ctx: StageContext) -> dict:
     config = ctx.config
+    check_depth(config)
     seed_everything(training_seed(config))
     metrics: dict = {"model": config.segmenter.model}
     curves: dict = {}
@@ -283,6 +318,7 @@ def headline(metrics: dict) -> dict:
 def evaluate(config: Config, store: RunStore, progress=None, device: torch.device | None = None) -> dict:
     """Val mIoU of every trained label source: single scale, ms+flip, ms+flip+CRF (per `segmenter.eval_mode`)."""
     device = device or resolve_device(config.run.device)
+    check_depth(config)
     dataset = artifacts.open_dataset(config)
     ids = artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.val_list"))
     names = ["background", *config.data.classes]
@@ -301,10 +337,11 @@ def evaluate(config: Config, store: RunStore, progress=None, device: torch.devic
         predictions = folder_of(store, config, source) / "predictions"
         for image_id in (progress(ids, desc=f"evaluating {config.segmenter.model} ({source})") if progress else ids):
             image, truth = dataset.read_image(image_id), dataset.read_semantic(image_id)
+            depth = image_depth(config, dataset, image_id)
             best = None
             for mode in modes:
                 labels, probs = predict_labels(model, image, device=device, mode=mode, scales=config.segmenter.test_scales,
-                                               window=config.segmenter.window or None)
+                                               window=config.segmenter.window or None, depth=depth)
                 matrices[mode].update(labels, truth)
                 best = (labels, probs)
             if use_crf:
@@ -360,7 +397,7 @@ STAGE = Stage(
                           "-segmenter.crf_window", "-segmenter.crf_blur", "-segmenter.eval_mode",
                           "-segmenter.window", "-segmenter.sync_bn", "-segmenter.val_every", "-segmenter.options",
                           f"segmenter.options.{config.segmenter.model}", "-segmenter.lr_by_model",
-                          *own_lr_selector(config), *unused_noisy_label_keys(config)),
+                          *own_lr_selector(config), *unused_noisy_label_keys(config), *depth_reads(config)),
     headline="miou",
     quality=quality,
     evaluators={"segmenter": evaluate},

@@ -11,7 +11,11 @@ test). The model (eval mode) must reach 90 % of the oracle's mIoU on the batch w
 bounded number of Adam steps over its own param_groups(), the heads at the demo recipe's
 multiple of the backbone's rate (pipelines/demo.yaml: segmenter.head_lr_mult, or the model's
 lr_by_model entry: RefineNet's BN-free heads diverge at ten times). MaX-DeepLab trains on the
-same crops' panoptic targets (as train-segmenter feeds it) and must also reach PQ 0.8.
+same crops' panoptic targets (as train-segmenter feeds it) and must also reach PQ 0.8. Before
+training each model sees the batch's labels through `fit_to_labels`, as train-segmenter shows it
+the training labels (DUpsampling fits its W to them; the other models ignore them). A model
+whose input has a fourth channel (`input_channels` 4: RGB-D, ACNet) gets the crops' demo depth
+maps there, normalised as train-segmenter does.
 
 It fails when the loss, the head or the label downsampling is broken: each leaves the model
 far below what its output could show (checked by breaking each on purpose while writing it).
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from wsseg.config import load_config
 from wsseg.data.demo import generate_demo
 from wsseg.data.voc import VOCDataset
-from wsseg.data.transforms import normalize
+from wsseg.data.transforms import normalize, normalize_depth
 from wsseg.metrics import ConfusionMatrix, panoptic_quality
 from wsseg.models.segmenters import SEGMENTERS, build_segmenter
 from wsseg.stages.panoptic import SEGMENT_BASE, TruePanoptic, targets_from_codes
@@ -64,16 +68,17 @@ def make_optimizer(name: str, model) -> torch.optim.Adam:
 
 
 @pytest.fixture(scope="module")
-def crops(tmp_path_factory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def crops(tmp_path_factory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images (5, 3, 64, 64) normalised, semantic labels (5, 64, 64) and panoptic code maps
-    (train-segmenter's encoding), both 255 outside the image)."""
+    (train-segmenter's encoding), both 255 outside the image, and the depth (5, 1, 64, 64)
+    normalised, 0 (no reading) outside the image)."""
     root = tmp_path_factory.mktemp("fit-demo")
     generate_demo(root, num_images=24, seed=5)
-    dataset = VOCDataset(root)
+    dataset = VOCDataset(root, depth_dir="Depth")
     ids = sorted(p.stem for p in (root / "SegmentationClass").glob("*.png"))
     labels = {i: dataset.read_semantic(i) for i in ids}
     codes_of = TruePanoptic(dataset)
-    images, semantic, codes = [], [], []
+    images, semantic, codes, depths = [], [], [], []
     for cls in range(1, NUM_CLASSES):
         image_id = max(labels, key=lambda i: int((labels[i] == cls).sum()))
         assert (labels[image_id] == cls).any(), f"no class {cls} in the generated batch"
@@ -84,13 +89,20 @@ def crops(tmp_path_factory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images.append(normalize(image))
         semantic.append(np.pad(labels[image_id], CROP, constant_values=255)[window])
         codes.append(np.pad(codes_of(image_id), CROP, constant_values=255)[window])
+        depths.append(normalize_depth(np.pad(dataset.read_depth(image_id), CROP, constant_values=0)[window]))
     return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
-            torch.from_numpy(np.stack(semantic)).long(), torch.from_numpy(np.stack(codes)))
+            torch.from_numpy(np.stack(semantic)).long(), torch.from_numpy(np.stack(codes)),
+            torch.from_numpy(np.stack(depths))[:, None])
 
 
 @pytest.fixture(scope="module")
-def batch(crops) -> tuple[torch.Tensor, torch.Tensor]:
-    return crops[0], crops[1]
+def batch(crops) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return crops[0], crops[1], crops[3]
+
+
+def model_inputs(model, images: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """The batch as the model takes it: RGB, or RGB and depth for a 4-channel (RGB-D) model."""
+    return images if model.input_channels == 3 else torch.cat([images, depth], dim=1)
 
 
 def batch_miou(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -152,12 +164,14 @@ def batch_pq(model, images: torch.Tensor, codes: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", SEMANTIC)
 def test_model_fits_one_batch(name, batch):
-    images, labels = batch
+    images, labels, depth = batch
     torch.manual_seed(0)
     model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25)
+    images = model_inputs(model, images, depth)
     with torch.no_grad():
         shape = model(images)["out"].shape
     target = SHARE_OF_ORACLE * oracle_miou(shape, labels, model.label_size_from)
+    model.fit_to_labels(iter(labels))  # as train-segmenter does before step 1: DUpsampling's W; a no-op for most
     model.begin_training(steps_per_epoch=1, max_steps=MAX_STEPS)
     optimizer = make_optimizer(name, model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -186,9 +200,10 @@ def test_model_fits_one_batch(name, batch):
 def test_panoptic_model_fits_one_batch(name, crops):
     """Trained on the batch's panoptic targets (as train-segmenter feeds it), the model must
     reach PQ >= 0.8 on the batch and 90 % of its output's semantic oracle."""
-    images, labels, codes = crops
+    images, labels, codes, depth = crops
     torch.manual_seed(0)
     model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25, options=PANOPTIC_OPTIONS[name])
+    images = model_inputs(model, images, depth)
     target = SHARE_OF_ORACLE * oracle_miou((*images.shape[:1], NUM_CLASSES, *images.shape[2:]), labels, "label")
     targets = targets_from_codes(codes)
     model.begin_training(steps_per_epoch=1, max_steps=MAX_STEPS)

@@ -8,10 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsseg.config import load_config
-from wsseg.errors import UserError
-from wsseg.models.backbones import ResNet
-from wsseg.models.segmenters import build_segmenter
 from wsseg.models.segmenters.lednet import (
     AttentionPyramid,
     DownsamplingUnit,
@@ -20,7 +16,6 @@ from wsseg.models.segmenters.lednet import (
     SSnbt,
     channel_shuffle,
 )
-from wsseg.stages.train_segmenter import build_network
 from segmenter_batches import assert_param_groups_partition, randomise_bn, train_steps
 
 NUM_CLASSES = 5
@@ -148,23 +143,3 @@ def test_contract_depth_is_ignored_and_the_encoder_is_the_backbone_group():
     with torch.no_grad():
         assert model(x)["out"].shape == (1, NUM_CLASSES, 9, 7)  # stride 8
         assert model.predict(x).shape == (1, NUM_CLASSES, 65, 49)
-    # segmenter.depth does not change LEDNet: same parameters, same outputs.
-    other = LEDNet(NUM_CLASSES, depth=101, width=0.25)
-    other.load_state_dict(model.state_dict())
-    other.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(other.predict(x), model.predict(x))
-
-
-def test_resnet_weights_are_refused_with_one_error_naming_the_key():
-    """train-segmenter loads segmenter.weights into model.backbone; LEDNet's backbone is its encoder,
-    so anything but null is a UserError naming the key, raised before any download."""
-    model = build_segmenter("lednet", NUM_CLASSES, depth=18, width=0.25)
-    assert not isinstance(model.backbone, ResNet)
-    config = load_config(["pipelines/demo.yaml"], ["segmenter.model=lednet", "segmenter.weights=imagenet"])
-    with pytest.raises(UserError) as error:
-        build_network(config)
-    message = str(error.value)
-    assert message.startswith("segmenter.weights: lednet has its own encoder, not a ResNet")
-    assert "segmenter.weights: null" in message and "\n" not in message
-    assert isinstance(build_network(load_config(["pipelines/demo.yaml"], ["segmenter.model=lednet"])), LEDNet)

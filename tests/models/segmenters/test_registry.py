@@ -8,23 +8,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsseg.config import load_config
 from wsseg.errors import UserError
 from wsseg.models.backbones import ResNet
 from wsseg.models.segmenters import SEGMENTERS, build_segmenter, model_options, option_types
+from wsseg.stages.train_segmenter import build_network
 
 NUM_CLASSES = 4
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "models"
 # The FCN family shares one page; every other model has docs/models/<name>.md.
 FAMILY_PAGES = {"fcn32s": "fcn.md", "fcn16s": "fcn.md", "fcn8s": "fcn.md", "fcn-d8": "fcn.md"}
 # Models with an encoder of their own instead of a ResNet `backbone` (train-segmenter refuses ResNet
-# weights for them: tests/models/segmenters/test_lednet.py).
-OWN_ENCODERS = {"lednet"}
+# weights for them: tests/models/segmenters/test_lednet.py, test_dfanet.py).
+OWN_ENCODERS = {"lednet", "dfanet"}
 
 
 def test_registry_names():
     assert list(SEGMENTERS) == ["fcn32s", "fcn16s", "fcn8s", "fcn-d8", "deeplab-v1", "deeplab-v2",
                                 "deeplab-v3", "deeplab-v3plus", "pspnet", "encnet", "mcibi", "refinenet",
-                                "dilated-context", "danet", "fastfcn", "bisenet", "lednet", "maxdeeplab"]
+                                "dilated-context", "danet", "fastfcn", "bisenet", "lednet", "acnet", "dfanet",
+                                "dupsampling", "maxdeeplab"]
 
 
 @pytest.mark.parametrize("name", list(SEGMENTERS))
@@ -33,8 +36,8 @@ def test_every_model_builds_trains_and_predicts(name):
     model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25)
     assert isinstance(model, SEGMENTERS[name])
     assert isinstance(model.backbone, ResNet) == (name not in OWN_ENCODERS)
-    # One training step through the contract.
-    images = torch.randn(2, 3, 48, 40)
+    # One training step through the contract (an RGB-D model's input has a fourth channel: depth).
+    images = torch.randn(2, model.input_channels, 48, 40)
     labels = torch.randint(0, NUM_CLASSES, (2, 48, 40))
     labels[:, :4] = 255
     outputs = model(images)
@@ -51,12 +54,33 @@ def test_every_model_builds_trains_and_predicts(name):
             model.after_step(outputs, labels, step=0, max_steps=10)
     # Eval: logits at the (odd) input size, deterministic.
     model.eval()
-    x = torch.randn(1, 3, 65, 49)
+    x = torch.randn(1, model.input_channels, 65, 49)
     with torch.no_grad():
         first, second = model.predict(x), model.predict(x)
     assert first.shape == (1, NUM_CLASSES, 65, 49)
     assert torch.isfinite(first).all()
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("name", sorted(OWN_ENCODERS))
+def test_own_encoder_ignores_the_resnet_depth_and_refuses_resnet_weights(name):
+    """A model with its own encoder: segmenter.depth changes nothing (same parameters, same outputs),
+    and train-segmenter, which loads segmenter.weights into model.backbone, refuses anything but null
+    with one line naming the key, before any download."""
+    torch.manual_seed(0)
+    model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25).eval()
+    other = build_segmenter(name, NUM_CLASSES, depth=101, width=0.25).eval()
+    other.load_state_dict(model.state_dict())
+    x = torch.randn(1, model.input_channels, 65, 49)
+    with torch.no_grad():
+        torch.testing.assert_close(other.predict(x), model.predict(x))
+    config = load_config(["pipelines/demo.yaml"], [f"segmenter.model={name}", "segmenter.weights=imagenet"])
+    with pytest.raises(UserError) as error:
+        build_network(config)
+    message = str(error.value)
+    assert message.startswith(f"segmenter.weights: {name} has its own encoder, not a ResNet")
+    assert "segmenter.weights: null" in message and "\n" not in message
+    assert isinstance(build_network(load_config(["pipelines/demo.yaml"], [f"segmenter.model={name}"])), SEGMENTERS[name])
 
 
 @pytest.mark.parametrize("name", list(SEGMENTERS))

@@ -16,10 +16,13 @@ from typing import Any, Mapping
 from torch import nn
 
 from wsseg.errors import UserError
+from wsseg.models.segmenters.acnet import ACNet
 from wsseg.models.segmenters.bisenet import BiSeNet
 from wsseg.models.segmenters.danet import DANet
 from wsseg.models.segmenters.deeplab import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus
+from wsseg.models.segmenters.dfanet import DFANet
 from wsseg.models.segmenters.dilated_context import DilatedContext
+from wsseg.models.segmenters.dupsampling import DUpsampling
 from wsseg.models.segmenters.encnet import EncNet
 from wsseg.models.segmenters.fastfcn import FastFCN
 from wsseg.models.segmenters.fcn import FCN8s, FCN16s, FCN32s, FCNDilated
@@ -47,6 +50,9 @@ SEGMENTERS: dict[str, type[nn.Module]] = {
     "fastfcn": FastFCN,
     "bisenet": BiSeNet,
     "lednet": LEDNet,
+    "acnet": ACNet,
+    "dfanet": DFANet,
+    "dupsampling": DUpsampling,
     "maxdeeplab": MaXDeepLab,
 }
 

@@ -24,7 +24,7 @@ numbers are the papers'.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +238,9 @@ class Segmenter(nn.Module):
       aux_weight: weight of the aux term in "total" (0.4, PSPNet's).
       label_size_from: "label" (logits upsampled to the label: the toolboxes) or
         "logits" (labels downsampled to the logits: DeepLab v1/v2); see cross_entropy.
+      input_channels: channels of the input tensor: 3 (normalised RGB) or 4 (RGB-D: the
+        normalised depth, transforms.normalize_depth, as the fourth channel; train-segmenter,
+        its evaluation and `wsseg predict` then read depth maps, data.depth_dir: ACNet).
     Instance attribute set by train-segmenter:
       label_relaxation: boundary label relaxation radius in label pixels for every
         pixel-wise term (`pixel_loss`); 0 = plain cross-entropy.
@@ -246,6 +249,7 @@ class Segmenter(nn.Module):
     aux_weight: float = 0.4
     label_size_from: str = "label"
     label_relaxation: int = 0
+    input_channels: int = 3
     backbone: ResNet
     aux_head: AuxHead | None
 
@@ -295,9 +299,19 @@ class Segmenter(nn.Module):
         aux head. Does not switch modes: call model.eval() first for test-time behaviour."""
         return upsample_to(self.head(self.backbone(x)), x.shape[-2:])
 
+    def backbone_weights_loaded(self) -> None:
+        """Called by train-segmenter after `segmenter.weights` went into `backbone`. Models with more
+        than one ResNet branch override it to start the others from them (ACNet)."""
+
     def begin_training(self, steps_per_epoch: int, max_steps: int) -> None:
         """Called by train-segmenter before the first step (and again on a resume). Models whose
         schedule depends on the run's length override it (MCIBI's memory loss starts after epoch 1)."""
+
+    def fit_to_labels(self, labels: Iterable[Tensor]) -> None:
+        """Called by train-segmenter once before the first step (and again on a resume, where the
+        checkpoint then restores the state) with the training label maps of the semantic run, each
+        (H, W) int64 at its image's size, 255 ignored, read lazily. Models with state fitted to the
+        labels rather than learned override it (DUpsampling's W); others never read them."""
 
     def after_step(self, outputs: dict[str, Tensor], labels: Tensor, step: int, max_steps: int) -> None:
         """Called after every optimiser step, without gradients, with the step's outputs and labels.

@@ -4,8 +4,10 @@ flip, DenseCRF (docs/ALGORITHMS.md §2 "Inference", §3).
 Every function takes `predict`, any callable mapping a normalised batch (B, 3, h, w)
 to logits (B, K, h, w) at the input size: a segmenter's `model.predict` (see the
 segmenter contract). Inputs are one ImageNet-normalised image (3, H, W) on the model's
-device; outputs are softmax probabilities (K, H, W) float32 at the image's size on the
-same device. Predictions at the original resolution are what §3 evaluates. The
+device, or (4, H, W) for an RGB-D model: the normalised depth (transforms.normalize_depth)
+as the fourth channel, resized with nearest neighbour where the image is resized bilinearly
+(as in training) and padded with 0 (no reading) where the image is padded with the mean.
+Outputs are softmax probabilities (K, H, W) float32 at the image's size on the same device. Predictions at the original resolution are what §3 evaluates. The
 functions run under torch.inference_mode() (no autograd; set model.eval() first, or
 use `predict_labels`, which does).
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsseg.data.transforms import normalize
+from wsseg.data.transforms import normalize, normalize_depth
 from wsseg.ops.crf import crf_from_probs
 
 Predict = Callable[[Tensor], Tensor]
@@ -37,8 +39,19 @@ DEFAULT_WINDOW_BATCH = 4
 
 
 def _check_image(image: Tensor) -> None:
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be a normalised (3, H, W) tensor, got shape {tuple(image.shape)}")
+    if image.dim() != 3 or image.shape[0] not in (3, 4):
+        raise ValueError(f"image must be a normalised (3, H, W) tensor, or (4, H, W) with depth, got shape "
+                         f"{tuple(image.shape)}")
+
+
+def _resize(batch: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, 3 or 4, h, w) -> size: RGB bilinear (align_corners=False, no antialiasing), a depth channel
+    nearest neighbour (PIL's centre rule, as the training augmentation), so no depth is invented
+    between a surface and what lies behind it and 0 (no reading) stays 0."""
+    rgb = F.interpolate(batch[:, :3], size=size, mode="bilinear", align_corners=False)
+    if batch.shape[1] == 3:
+        return rgb
+    return torch.cat([rgb, F.interpolate(batch[:, 3:], size=size, mode="nearest-exact")], dim=1)
 
 
 def _probabilities(predict: Predict, batch: Tensor, amp_dtype: torch.dtype | None) -> Tensor:
@@ -189,7 +202,7 @@ def multi_scale(predict: Predict, image: Tensor, *, scales: Sequence[float] = DE
         size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
         scaled = image[None].float()
         if size != (height, width):
-            scaled = F.interpolate(scaled, size=size, mode="bilinear", align_corners=False)
+            scaled = _resize(scaled, size)
         batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
         if window is None:
             probs = _probabilities(predict, batch, amp_dtype)
@@ -221,7 +234,8 @@ def predict_labels(model: nn.Module, image: np.ndarray, *, device: torch.device 
                    mode: str = "single", scales: Sequence[float] = DEFAULT_SCALES,
                    window: int | None = None, stride: int | None = None,
                    batch_size: int = DEFAULT_WINDOW_BATCH, crf: dict | None = None,
-                   amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   amp_dtype: torch.dtype | None = None,
+                   depth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Label map of one image from a segmenter: normalise, infer, (CRF), argmax.
 
     model: a segmenter with `predict` (the segmenter contract), already on `device`;
@@ -232,6 +246,9 @@ def predict_labels(model: nn.Module, image: np.ndarray, *, device: torch.device 
     crf: None, or keyword arguments of `crf_from_probs` ({} for its defaults) to refine
         the probabilities before the argmax.
     amp_dtype: autocast dtype for the forward passes (None: float32).
+    depth: (H, W) uint16 depth map (larger = farther, 0 = no reading) for a model with
+        `input_channels` 4 (RGB-D: ACNet), which needs it; normalised with
+        `transforms.normalize_depth` and given as the fourth channel. None for RGB models.
     Returns labels (H, W) uint8 class ids 0..K-1 and probs (K, H, W) float32 (after the
     CRF when one ran); labels == probs.argmax(0).
     """
@@ -240,7 +257,17 @@ def predict_labels(model: nn.Module, image: np.ndarray, *, device: torch.device 
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
-    tensor = torch.from_numpy(normalize(image)).permute(2, 0, 1).contiguous().to(device)
+    channels = getattr(model, "input_channels", 3)
+    if (depth is not None) != (channels == 4):
+        raise ValueError(f"the model takes {channels} input channels: "
+                         f"{'pass its depth map' if channels == 4 else 'it takes no depth map'}")
+    planes = normalize(image)
+    if depth is not None:
+        depth = np.asarray(depth)
+        if depth.shape != image.shape[:2]:
+            raise ValueError(f"depth map is {depth.shape} but the image is {image.shape[:2]}; they must match")
+        planes = np.concatenate([planes, normalize_depth(depth)[:, :, None]], axis=2)
+    tensor = torch.from_numpy(planes).permute(2, 0, 1).contiguous().to(device)
     was_training = model.training
     model.eval()
     try:
