@@ -306,6 +306,14 @@ class SegmenterSection:
                            low=0.0, neutral=0.0)
     ignore_band: float = key(0.0, "pseudo labels: pixels whose best class score lies within this of the background level "
                                   "(labels/margin) are ignored (255); 0 = off", low=0.0, high=1.0, neutral=0.0)
+    teacher: typing.Optional[str] = key(None, "structured knowledge distillation (Liu et al. 2019): a segmenter trained earlier "
+                                             "in this run to learn from, `<model>` (its copy trained on the same labels as "
+                                             "the student) or `<model>/<pseudo|gt>`; null = off", neutral=None)
+    distill_pixel: float = key(10.0, "with a teacher: weight of the pixel-wise distillation term (the authors' 10)", low=0.0)
+    distill_pair: float = key(1.0, "with a teacher: weight of the pair-wise similarity distillation term (the authors' 1)",
+                              low=0.0)
+    distill_pool: float = key(0.5, "with a teacher: the pair-wise term's nodes are max-pooled windows of this share of "
+                                   "the map's side (the authors' 0.5: 2 x 2 nodes)", positive=True, high=1.0)
     scale_range: tuple[float, float] = key((0.5, 1.5), "random rescale range before cropping")
     test_scales: tuple[float, ...] = key((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), "multi-scale inference scales (with flip)")
     crf: bool = key(True, "DenseCRF post-processing in evaluation (the model's own CRF parameters)")

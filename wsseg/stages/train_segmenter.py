@@ -10,6 +10,7 @@ flip, and + DenseCRF, on `data.val_list`.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from wsseg.metrics import ConfusionMatrix
 from wsseg.models.backbones import ResNet, load_weights
 from wsseg.models.segmenters import SEGMENTERS, build_segmenter
 from wsseg.models.segmenters.common import upsample_to
+from wsseg.models.segmenters.distillation import pair_distillation, pixel_distillation
 from wsseg.models.segmenters.inference import dense_crf, predict_labels
 from wsseg.ops.gated_crf import gated_crf_loss
 from wsseg.stage import Stage, fmt
@@ -96,16 +98,17 @@ def training_seed(config: Config) -> int:
     return config.run.seed if config.segmenter.seed is None else config.segmenter.seed
 
 
-def needs_depth(config: Config) -> bool:
-    """Whether the chosen model takes RGB-D input (`input_channels` 4: ACNet)."""
-    return getattr(SEGMENTERS[config.segmenter.model], "input_channels", 3) == 4
+def needs_depth(config: Config, model: str | None = None) -> bool:
+    """Whether the chosen model (or `model`) takes RGB-D input (`input_channels` 4: ACNet)."""
+    return getattr(SEGMENTERS[model or config.segmenter.model], "input_channels", 3) == 4
 
 
-def check_depth(config: Config) -> None:
-    """One line when an RGB-D model is chosen without depth maps to read (before any training)."""
-    if not needs_depth(config):
+def check_depth(config: Config, model: str | None = None) -> None:
+    """One line when an RGB-D model is chosen (as the model, or `model`: the teacher) without depth maps
+    to read (before any training)."""
+    if not needs_depth(config, model):
         return
-    model, depth_dir = config.segmenter.model, config.data.depth_dir
+    model, depth_dir = model or config.segmenter.model, config.data.depth_dir
     if depth_dir is None:
         raise UserError(f"segmenter.model: {model} needs depth images; set data.depth_dir to the folder of 16-bit "
                         f"<id>.png depth maps (relative to data.root or absolute; `wsseg demo-data` writes Depth), "
@@ -124,6 +127,85 @@ def depth_reads(config: Config) -> tuple[str, ...]:
 def image_depth(config: Config, dataset, image_id: str) -> np.ndarray | None:
     """The image's depth map for an RGB-D model, None for an RGB one."""
     return dataset.read_depth(image_id) if needs_depth(config) else None
+
+
+DISTILL_KEYS = ("distill_pixel", "distill_pair", "distill_pool")
+
+
+def teacher_of(config: Config) -> tuple[str, str | None] | None:
+    """segmenter.teacher as (model, label source or None = the student's own), checked: one line when
+    it names no model, a bad source, the student itself or a panoptic model; None when off."""
+    value = config.segmenter.teacher
+    if value is None:
+        return None
+    model, _, source = value.partition("/")
+    if model not in SEGMENTERS:
+        raise UserError(f"segmenter.teacher: unknown model '{model}'; give <model> or <model>/<pseudo|gt> with a model "
+                        f"of {', '.join(SEGMENTERS)}")
+    if source and source not in ("pseudo", "gt"):
+        raise UserError(f"segmenter.teacher: '{value}' names label source '{source}'; give <model>/pseudo or <model>/gt, "
+                        f"or <model> alone for the student's own labels")
+    if model == config.segmenter.model:
+        raise UserError(f"segmenter.teacher: {model} is the student itself, whose training would overwrite it; train the "
+                        f"teacher as another model")
+    if is_panoptic(SEGMENTERS[model]) or is_panoptic(SEGMENTERS[config.segmenter.model]):
+        raise UserError(f"segmenter.teacher: distillation is for semantic segmenters, and "
+                        f"{model if is_panoptic(SEGMENTERS[model]) else config.segmenter.model} is panoptic; "
+                        f"set segmenter.teacher: null")
+    return model, source or None
+
+
+def teacher_file(config: Config, store: RunStore, source: str) -> Path:
+    model, fixed = teacher_of(config)
+    return store.folder(f"segmenter/{model}/{fixed or source}") / "model.pt"
+
+
+def check_teacher(config: Config, store: RunStore) -> None:
+    """One line, before any training, when the teacher of a label source the stage trains on is missing."""
+    teacher = teacher_of(config)
+    if teacher is None:
+        return
+    check_depth(config, teacher[0])
+    for source in label_sources(config):
+        path = teacher_file(config, store, source)
+        if not path.is_file():
+            labels = teacher[1] or source
+            raise UserError(f"segmenter.teacher: no {teacher[0]} trained on {labels} labels in {config.run.dir} ({path} "
+                            f"is missing); train it first: wsseg train-segmenter --set segmenter.model={teacher[0]} "
+                            f"--set segmenter.labels={labels}")
+
+
+def load_teacher(config: Config, store: RunStore, source: str) -> nn.Module:
+    """The frozen teacher of `source`'s student, in eval mode, built as it was trained (model.pt's "build";
+    files written before it was recorded: the config's segmenter.depth / width / options)."""
+    model, _ = teacher_of(config)
+    path = teacher_file(config, store, source)
+    payload = load_checkpoint(path, f"the teacher {model}")
+    build = payload.get("build") or {"depth": config.segmenter.depth, "width": config.segmenter.width,
+                                     "options": config.segmenter.options.get(model)}
+    teacher = build_segmenter(model, len(config.data.classes) + 1, depth=build["depth"], width=build["width"],
+                              options=build["options"])
+    try:
+        teacher.load_state_dict(payload["model"])
+    except RuntimeError:
+        raise UserError(f"segmenter.teacher: {path} is not a {model} with {len(config.data.classes) + 1} classes at depth "
+                        f"{build['depth']}, width {build['width']}; retrain the teacher in this run") from None
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher.eval()
+
+
+def teacher_reads(config: Config) -> tuple[str, ...]:
+    """The distillation weights, left out of the fingerprint when there is no teacher."""
+    return () if config.segmenter.teacher is not None else tuple(f"-segmenter.{key}" for key in DISTILL_KEYS)
+
+
+def build_record(config: Config) -> dict:
+    """How model.pt's network was built, kept in the file: a later run that loads it as a teacher builds
+    the same network whatever its own segmenter.depth / width say."""
+    options = config.segmenter.options.get(config.segmenter.model)
+    return {"depth": config.segmenter.depth, "width": config.segmenter.width,
+            "options": json.loads(json.dumps(options)) if options is not None else None}
 
 
 def learning_rates(config: Config) -> tuple[float, float]:
@@ -221,8 +303,11 @@ def train_one(ctx: StageContext, source: str) -> dict:
         ctx.log.info("%s trains on panoptic labels: segmenter.%s do not apply to it", segmenter.model,
                      " / ".join(NOISY_LABEL_KEYS))
     seed = training_seed(config)
+    teacher = load_teacher(config, ctx.store, source).to(ctx.device) if segmenter.teacher is not None else None
+    teacher_depth = teacher is not None and teacher.input_channels == 4
     images = LabelledImages(dataset, ids, reader, SegmentationAugment(scale_range=segmenter.scale_range, crop_size=segmenter.crop),
-                            seed=seed, depth=needs_depth(config))
+                            seed=seed, depth=needs_depth(config) or teacher_depth)
+    channels = model.input_channels  # an RGB student of an RGB-D teacher sees the crops' first three
     per_process = segmenter.batch_size // ctx.dist.world_size
     if per_process < 2 and not (segmenter.sync_bn and ctx.dist.enabled):
         raise UserError(f"segmenter.batch_size: {segmenter.batch_size} gives {per_process} image per process; BatchNorm "
@@ -240,13 +325,20 @@ def train_one(ctx: StageContext, source: str) -> dict:
     optimizer = make_optimizer(config, model)
 
     def loss_fn(net, batch):
-        outputs = net(batch["image"])
+        outputs = net(batch["image"][:, :channels])
         batch["_outputs"] = outputs
         targets = targets_from_codes(batch["label"]) if panoptic else batch["label"]
         terms = _unwrap(net).loss(outputs, targets)
         if crf_weight > 0:
             terms["gated_crf"] = gated_crf_term(outputs["out"], batch["image"][:, :3])  # RGB (an RGB-D crop has depth 4th)
             terms["total"] = terms["total"] + crf_weight * terms["gated_crf"]
+        if teacher is not None:
+            with torch.no_grad():
+                taught = teacher(batch["image"][:, :teacher.input_channels])["out"]
+            total = terms.pop("total")
+            terms["distill_pixel"] = pixel_distillation(outputs["out"], taught)
+            terms["distill_pair"] = pair_distillation(outputs["out"], taught, segmenter.distill_pool)
+            terms["total"] = total + segmenter.distill_pixel * terms["distill_pixel"] + segmenter.distill_pair * terms["distill_pair"]
         return terms
 
     # The model's per-step hook (MCIBI's memory update, dilated-context's stage switch; a no-op for most).
@@ -267,17 +359,21 @@ def train_one(ctx: StageContext, source: str) -> dict:
                    phase=f"{segmenter.model} on {source} labels", warmup_steps=segmenter.warmup, after_epoch=after_epoch)
     model = model.cpu().eval()
     if ctx.dist.is_main:
-        save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "model_name": segmenter.model})
+        save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "model_name": segmenter.model,
+                                              "build": build_record(config)})
     applied = {"label_relaxation": model.label_relaxation, "gated_crf": crf_weight,
                "ignore_band": segmenter.ignore_band if noisy else 0.0}
+    taught_by = None if teacher is None else {"model": teacher_of(config)[0], "labels": teacher_of(config)[1] or source,
+                                              "pixel": segmenter.distill_pixel, "pair": segmenter.distill_pair}
     return {"curves": result.curves, "train_images": len(ids), "epochs": epochs, "steps": result.steps,
-            "noisy_label_options": applied,
+            "noisy_label_options": applied, "teacher": taught_by,
             "images_per_second": round(result.images_per_second, 2)}
 
 
 def run(ctx: StageContext) -> dict:
     config = ctx.config
     check_depth(config)
+    check_teacher(config, ctx.store)
     seed_everything(training_seed(config))
     metrics: dict = {"model": config.segmenter.model}
     curves: dict = {}
@@ -397,7 +493,8 @@ STAGE = Stage(
                           "-segmenter.crf_window", "-segmenter.crf_blur", "-segmenter.eval_mode",
                           "-segmenter.window", "-segmenter.sync_bn", "-segmenter.val_every", "-segmenter.options",
                           f"segmenter.options.{config.segmenter.model}", "-segmenter.lr_by_model",
-                          *own_lr_selector(config), *unused_noisy_label_keys(config), *depth_reads(config)),
+                          *own_lr_selector(config), *unused_noisy_label_keys(config), *depth_reads(config),
+                          *teacher_reads(config)),
     headline="miou",
     quality=quality,
     evaluators={"segmenter": evaluate},
