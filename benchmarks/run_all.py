@@ -124,15 +124,17 @@ def command_line(script: str) -> str:
     return f"{prefix}python benchmarks/{script}" + "".join(f" {a}" for a in sys.argv[1:])
 
 
-def header(script: str, load_before: float, notes: list[str]) -> list[str]:
-    """The bullet lines every section starts with: machine, versions, date, load, command, then `notes`."""
+def header(script: str, load_before: float, notes: list[str],
+           how: str = "every measurement in a fresh process with OMP_WAIT_POLICY=PASSIVE") -> list[str]:
+    """The bullet lines every section starts with: machine, versions, date, load, command (and `how` it
+    measures), then `notes`."""
     import torch
 
     return [
         f"- machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; "
         f"{datetime.date.today().isoformat()}; load average {load_before:.1f} at the start, "
         f"{load_average():.1f} at the end",
-        f"- command: `{command_line(script)}` (every measurement in a fresh process with OMP_WAIT_POLICY=PASSIVE)",
+        f"- command: `{command_line(script)}` ({how})",
         *[f"- {note}" for note in notes],
     ]
 

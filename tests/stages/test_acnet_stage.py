@@ -66,7 +66,7 @@ def test_acnet_trains_evaluates_and_predicts_with_depth(tiny_data, tmp_path):
 
 def test_acnet_without_depth_is_one_line_and_exit_code_2_before_training(tiny_data, tmp_path):
     sets = [f"data.root={tiny_data}", f"run.dir={tmp_path / 'run'}", *TINY, *ACNET]
-    for extra, says in (([], "set data.depth_dir to the folder"), (["data.depth_dir=NoSuchFolder"], "NoSuchFolder is not a folder")):
+    for extra, says in ((["data.depth_dir=null"], "set data.depth_dir to the folder"), (["data.depth_dir=NoSuchFolder"], "NoSuchFolder is not a folder")):
         result = subprocess.run(
             [sys.executable, "-c", "from wsseg.cli import main; main()", "train-segmenter", "--config",
              str(ROOT / "pipelines" / "demo.yaml"), *sum((["--set", s] for s in sets + extra), [])],
