@@ -17,10 +17,11 @@ model's val curve has flattened; each row then shows how much its ground-truth v
 rose over the last quarter of the steps ("late gain"): under 0.01 counts as converged, above
 it the row is marked undertrained rather than hidden.
 
-Rows are cached under runs/bench/segmenters/<tag>/ (a finished row is not trained again while
-train-segmenter's fingerprint under the steps, overrides and config file is the same: a comment
+Rows are cached under runs/bench/segmenters/<tag>/ and kept in benchmarks/results/segmenters/<tag>/
+(committed: the table grows across sessions and clones). A finished row is not trained again while
+train-segmenter's fingerprint under the steps, overrides and config file is the same (a comment
 or a key the stage does not read may change), so an interrupted benchmark resumes where it
-stopped; delete the folder to start over.
+stopped; delete both to start over.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ INTRO = """Every registered segmenter on the demo, trained with one recipe on th
 the ground truth (`benchmarks/segmenters.py`); the findings are in README's segmenter table and
 the model pages."""
 WSSEG = Path(sys.executable).parent / "wsseg"
+KEPT = REPO / "benchmarks" / "results" / "segmenters"
 LATE_GAIN = 0.01  # a ground-truth val curve that still rises more than this over its last quarter is undertrained
 
 
@@ -82,11 +84,21 @@ def recipe_fingerprint(recipe: dict, model: str, seed: int) -> str:
     return fingerprint(stage_by_name("train-segmenter"), config)
 
 
+def kept_row(args, model: str, seed: int) -> Path:
+    """Where a finished row is also kept in the repository (benchmarks/results/segmenters/<tag>/), so the
+    table grows across machines and fresh clones: each row is 5-15 minutes of CPU."""
+    return KEPT / args.tag / f"{model}-s{seed}.json"
+
+
 def cached_row(args, model: str, seed: int, work: Path) -> dict | None:
-    done = work / f"{model}-s{seed}" / "row.json"
-    if not done.exists():
-        return None
-    row = json.loads(done.read_text())
+    for done in (work / f"{model}-s{seed}" / "row.json", kept_row(args, model, seed)):
+        if done.exists() and (row := reusable(args, json.loads(done.read_text()), model, seed)) is not None:
+            return row
+    return None
+
+
+def reusable(args, row: dict, model: str, seed: int) -> dict | None:
+    """`row` if it was trained with this command's recipe (or one train-segmenter cannot tell from it)."""
     recipe = row.get("recipe", {})
     if recipe == recipe_of(args):
         return row
@@ -130,6 +142,8 @@ def train_row(args, model: str, seed: int, work: Path) -> dict:
             "val_miou": curve.get("val_miou", []),
         }
     done.write_text(json.dumps(row, indent=1) + "\n")
+    kept_row(args, model, seed).parent.mkdir(parents=True, exist_ok=True)
+    kept_row(args, model, seed).write_text(json.dumps(row, indent=1) + "\n")
     shutil.rmtree(run_dir)  # the numbers are kept; the copy's models are not needed
     return row
 
