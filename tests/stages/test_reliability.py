@@ -177,6 +177,20 @@ def test_unknown_tag_missing_image_and_no_tags_are_clear(tiny_data, tmp_path):
     assert result.returncode == 2 and "2026_999999" in result.stderr
 
 
+def test_a_camera_sized_image_beyond_pils_limit_is_one_sentence(tiny_data, tmp_path):
+    """A 20000 x 15000 photo in the list: PIL refuses it before decoding (DecompressionBombError, which
+    is not an OSError); train-cam must say which file and what to do, in one line, exit 2."""
+    data = _copy_dataset(tiny_data, tmp_path)
+    first = _first_train_id(data)
+    Image.new("1", (20000, 15000)).save(data / "JPEGImages" / f"{first}.jpg", format="PNG")  # 300 MP, a 40 kB file
+    result = wsseg("train-cam", "--config", ROOT / "pipelines" / "demo.yaml", *cli_overrides(data, tmp_path / "run", "cam.epochs=1"))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("wsseg: error:")]
+    assert len(errors) == 1, result.stderr
+    assert f"{first}.jpg: the image has 300 million pixels, more than PIL opens" in errors[0]
+    assert "downscale it" in errors[0]
+
+
 def test_grayscale_cmyk_and_rgba_images_are_converted(tmp_path):
     rgb = (np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5)
     for mode in ("L", "CMYK", "RGBA", "P"):

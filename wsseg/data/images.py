@@ -8,6 +8,7 @@ Label maps are uint8 arrays: 0 background, 1..C classes, 255 ignore/void.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,16 @@ def voc_palette(num_colors: int = 256) -> np.ndarray:
 VOC_PALETTE = voc_palette()
 
 
+def too_large(path: Path, error: Exception) -> str:
+    """The sentence for PIL's DecompressionBombError (an image above PIL's pixel limit, 2 x
+    Image.MAX_IMAGE_PIXELS, about 179 million pixels, refused before decoding)."""
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    count = int(pixels.group(1)) if pixels else None
+    size = ("too many pixels" if count is None else f"{count / 1e6:.0f} million pixels" if count >= 1e6 else f"{count} pixels")
+    return (f"{path}: the image has {size}, more than PIL opens ({2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} million, its "
+            f"guard against decompression bombs); downscale it (e.g. to 4000 px on its long side) or leave it out of the list")
+
+
 def _open(path: Path) -> Image.Image:
     path = Path(path)
     if not path.exists():
@@ -42,6 +53,8 @@ def _open(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # decode now, so a truncated file fails here and not later
+    except Image.DecompressionBombError as error:
+        raise UserError(too_large(path, error)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{path}: cannot decode the image ({error}); replace the file or remove its id from the list") from None
     return image

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from wsseg.data.images import read_depth_png, read_image, read_label_png
+from wsseg.data.images import read_depth_png, read_image, read_label_png, too_large
 from wsseg.errors import UserError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -206,6 +206,8 @@ class VOCDataset:
         try:
             with Image.open(path) as image:
                 width, height = image.size
+        except Image.DecompressionBombError as error:
+            raise UserError(too_large(path, error)) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise UserError(f"{path}: cannot read the image ({error}); replace the file or remove its id from the list") from None
         return height, width
