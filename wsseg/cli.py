@@ -202,7 +202,8 @@ def run_all_command(config, start: str | None, stop: str | None, force: bool) ->
     click.echo(format_status(states))
     click.echo("")
     click.echo(format_quality(config))
-    click.echo(f"\npictures: wsseg inspect --config {' '.join(config.sources)} (writes {Path(config.run.dir) / 'inspect'}/index.html)")
+    configs = " ".join(f"--config {source}" for source in config.sources)
+    click.echo(f"\npictures: wsseg inspect {configs} (writes {Path(config.run.dir) / 'inspect'}/index.html)")
 
 
 @cli.command("config")
@@ -329,8 +330,9 @@ def export_command(config, fmt: str, out: Path | None, list_key: str, min_score:
     out = out or Path(config.run.dir) / "export" / fmt
     summary = export_labels(Path(config.run.dir), out, fmt, image_ids=ids, class_names=list(config.data.classes),
                             image_sizes={i: dataset.image_size(i) for i in ids}, min_score=min_score,
+                            image_files={i: dataset.image_path(i).name for i in ids},
                             list_name=Path(str(config.get(list_key))).stem,
-                            image_root=dataset.root / "JPEGImages" if fmt == "voc" else None,
+                            image_root=dataset.image_path(ids[0]).parent if fmt == "voc" and ids else None,
                             progress=lambda items, desc: Progress(items, None, desc))
     click.echo(f"exported {summary.get('images', 0)} images as {fmt} to {out}")
 
@@ -358,11 +360,13 @@ def calibrate_command(config, images: int, metric: str, holdout: int) -> None:
 @click.option("--size", default=None, type=click.IntRange(min=32), help="Long side of the images in pixels.")
 @click.option("--classes", "num_classes", default=5, show_default=True, type=click.IntRange(5, 20),
               help="Number of classes (VOC has 20); more than 5 adds new shapes and their context backgrounds.")
-def demo_data_command(out: Path, num_images: int | None, seed: int, size: int | None, num_classes: int) -> None:
-    """Write the synthetic demo dataset in the VOC 2012 layout."""
+@click.option("--format", "layout", default="voc", show_default=True, type=click.Choice(["voc", "folder"]),
+              help="Dataset layout to write (data.format): the VOC 2012 devkit's, or images/ + tags.csv + masks/.")
+def demo_data_command(out: Path, num_images: int | None, seed: int, size: int | None, num_classes: int, layout: str) -> None:
+    """Write the synthetic demo dataset (VOC 2012 layout, or --format folder)."""
     from wsseg.data import demo
 
-    kwargs = {"seed": seed, "num_classes": num_classes}
+    kwargs = {"seed": seed, "num_classes": num_classes, "layout": layout}
     if num_images is not None:
         kwargs["num_images"] = num_images
     if size is not None:

@@ -132,8 +132,13 @@ class RunSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    root: str = key("data/VOCdevkit/VOC2012", "dataset root in the VOC 2012 devkit layout (JPEGImages, Annotations, ...)")
-    classes: tuple[str, ...] = key(VOC_CLASSES, "foreground class names in class-id order (id = position + 1)")
+    format: str = key("voc", "dataset layout: voc (the VOC 2012 devkit: JPEGImages, Annotations, ImageSets, ...) or "
+                             "folder (images/, tags.csv, optional masks/; README)", choices=("voc", "folder"), neutral="voc")
+    root: str = key("data/VOCdevkit/VOC2012", "dataset root in the data.format layout (VOC: the folder with JPEGImages, "
+                                              "Annotations, ...)")
+    classes: typing.Optional[tuple[str, ...]] = key(None, "foreground class names in class-id order (id = position + 1); "
+                                                          "null: the format's own (voc: VOC's 20; folder: tags.csv's names "
+                                                          "in order of first appearance)")
     train_list: str = key("train_aug", "images for training the CAM and IRN networks (list name or file)")
     label_list: str = key("train_aug", "images that get CAMs, relations and pseudo labels")
     eval_list: str = key("train", "images with ground truth for evaluating CAMs and pseudo labels (IRN: VOC train)")
@@ -572,9 +577,22 @@ def load_config(paths: typing.Sequence[str | Path] = (), overrides: typing.Seque
             _build_section(name, {k: v}, origin)
             values[k] = v
         sections[name] = _build_section(name, values, "config")
-    config = Config(**sections, sources=tuple(str(p) for p in paths))
+    config = _resolve(Config(**sections, sources=tuple(str(p) for p in paths)))
     _check_consistency(config)
     return config
+
+
+def _resolve(config: Config) -> Config:
+    """data.classes: null becomes the format's own class list (the folder layout's: read from tags.csv)."""
+    if config.data.classes is not None:
+        return config
+    if config.data.format == "folder":
+        from wsseg.data.folder import classes_from_tags
+
+        classes = classes_from_tags(config.data.root)
+    else:
+        classes = VOC_CLASSES
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, classes=tuple(classes)))
 
 
 def apply_overlay(config: Config, path: str | Path) -> Config:
@@ -597,7 +615,7 @@ def apply_overlay(config: Config, path: str | Path) -> Config:
             _build_section(name, {k: v}, origin)
             values[k] = v
         sections[name] = _build_section(name, values, str(path))
-    stacked = Config(**sections, sources=(*config.sources, str(path)))
+    stacked = _resolve(Config(**sections, sources=(*config.sources, str(path))))
     _check_consistency(stacked)
     return stacked
 

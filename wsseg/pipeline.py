@@ -100,11 +100,11 @@ def selected_config(config: Config, selectors: tuple[str, ...]) -> dict[str, Any
 
 
 def _list_digests(config: Config, keys: list[str]) -> dict[str, str]:
-    from wsseg.data.voc import read_id_list
-    from wsseg.stages.artifacts import require_dataset_root
+    from wsseg.stages.artifacts import read_list, require_dataset_root
 
-    root = require_dataset_root(config) if keys else Path(config.data.root)
-    return {key: digest(read_id_list(root, config.get(key), key=key)) for key in keys}
+    if keys:
+        require_dataset_root(config)
+    return {key: digest(read_list(config, key)) for key in keys}
 
 
 def stage_inputs(stage: Stage, config: Config) -> dict[str, Any]:
@@ -112,6 +112,8 @@ def stage_inputs(stage: Stage, config: Config) -> dict[str, Any]:
     values = selected_config(config, stage.selectors(config))
     if "data.root" in values:
         values["data.root"] = str(Path(values["data.root"]).resolve())
+        if config.data.format != "voc":  # the layout the root is read in (voc, the first, stays out: old fingerprints hold)
+            values["data.format"] = config.data.format
     list_keys = [k for k in values if k.startswith("data.") and k.endswith("_list")]
     for key, value in _list_digests(config, list_keys).items():
         values[f"{key}#content"] = value

@@ -1016,22 +1016,32 @@ def _annotation_xml(scene: DemoScene, name: str) -> str:
     return ElementTree.tostring(root, encoding="unicode") + "\n"
 
 
-def _write_scene(out: Path, name: str, scene: DemoScene) -> None:
+def _write_scene(out: Path, name: str, scene: DemoScene, layout: str = "voc") -> None:
+    """The scene's files in `layout`: the same bytes in both (the folder layout's tags go to tags.csv)."""
+    images, classes, objects = LAYOUTS[layout][:3]
     jpeg = Image.fromarray(scene.image, mode="RGB")
-    _atomic_write(out / "JPEGImages" / f"{name}.jpg", lambda tmp: jpeg.save(tmp, format="JPEG", quality=JPEG_QUALITY))
-    _atomic_write(out / "SegmentationClass" / f"{name}.png", lambda tmp: write_label_png(tmp, scene.class_map))
-    _atomic_write(out / "SegmentationObject" / f"{name}.png", lambda tmp: write_label_png(tmp, scene.object_map))
-    _write_text(out / "Annotations" / f"{name}.xml", _annotation_xml(scene, name))
+    _atomic_write(out / images / f"{name}.jpg", lambda tmp: jpeg.save(tmp, format="JPEG", quality=JPEG_QUALITY))
+    _atomic_write(out / classes / f"{name}.png", lambda tmp: write_label_png(tmp, scene.class_map))
+    _atomic_write(out / objects / f"{name}.png", lambda tmp: write_label_png(tmp, scene.object_map))
+    if layout == "voc":
+        _write_text(out / "Annotations" / f"{name}.xml", _annotation_xml(scene, name))
     _atomic_write(out / DEPTH_DIR / f"{name}.png", lambda tmp: write_depth_png(tmp, scene.depth))
 
 
 DEPTH_DIR = "Depth"
-_IMAGE_FOLDERS = ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations", DEPTH_DIR)
-_FOLDERS = _IMAGE_FOLDERS + ("ImageSets/Segmentation", "ImageSets/Main")
+# per layout: the image, semantic and instance folders, then the list folder
+LAYOUTS = {
+    "voc": ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"),
+    "folder": ("images", "masks", "instances", "lists"),
+}
 _OWN_FILE = re.compile(re.escape(ID_PREFIX) + r"\d{6}\.(jpg|png|xml)")
 
 
-def _prepare(out: Path) -> None:
+def _image_folders(layout: str) -> tuple[str, ...]:
+    return (*LAYOUTS[layout][:3], *(("Annotations",) if layout == "voc" else ()), DEPTH_DIR)
+
+
+def _prepare(out: Path, layout: str = "voc") -> None:
     """Refuse a non-empty folder this generator did not write; else create the layout."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is a file; give a folder for the demo dataset")
@@ -1040,14 +1050,14 @@ def _prepare(out: Path) -> None:
             f"--out: {out} is not empty and was not written by `wsseg demo-data` (no {MARKER}); "
             f"choose an empty or new folder"
         )
-    for folder in _FOLDERS:
+    for folder in (*_image_folders(layout), LAYOUTS[layout][3], *(("ImageSets/Main",) if layout == "voc" else ())):
         (out / folder).mkdir(parents=True, exist_ok=True)
     _write_text(out / MARKER, json.dumps({"generator": "wsseg demo-data", "complete": False}) + "\n")
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
+def _remove_stale(out: Path, keep: set[str], layout: str = "voc") -> None:
     """Remove images of an earlier, larger generation and temporary files of an interrupted one."""
-    for folder in _IMAGE_FOLDERS:
+    for folder in _image_folders(layout):
         for path in (out / folder).iterdir():
             own = _OWN_FILE.fullmatch(path.name) and path.stem not in keep
             leftover = path.name.startswith(".") and path.name.endswith(".tmp")
@@ -1062,8 +1072,11 @@ def generate_demo(
     size: int = DEFAULT_SIZE,
     progress: Callable[[int, int], None] | None = None,
     num_classes: int = DEFAULT_NUM_CLASSES,
+    layout: str = "voc",
 ) -> dict:
-    """Write the demo dataset in the VOC 2012 devkit layout under `out`; return its summary.
+    """Write the demo dataset under `out` in `layout` (voc: the VOC 2012 devkit's; folder: images/,
+    tags.csv, masks/, instances/, lists/, as `data.format: folder` reads it); return its summary.
+    The two layouts hold the same bytes for every image, mask and depth map.
 
     `progress(done, total)` is called after each image. The summary (also written to
     `out/wsseg_demo.json`) holds the arguments, the list sizes, images and instances per
@@ -1079,8 +1092,11 @@ def generate_demo(
         raise UserError(f"--size: {size} px is out of range; give a long side between 32 and 4096 px")
     if seed < 0:
         raise UserError(f"--seed: {seed} is negative; give a seed >= 0")
+    if layout not in LAYOUTS:
+        raise UserError(f"--format: {layout} is not a layout; choose one of {', '.join(LAYOUTS)}")
     out = Path(out)
-    _prepare(out)
+    _prepare(out, layout)
+    tag_lines = []
 
     ids = [image_id(index) for index in range(num_images)]
     val = [ids[i] for i in range(num_images) if i % VAL_EVERY == VAL_EVERY - 1]
@@ -1094,7 +1110,8 @@ def generate_demo(
     )
     for index, name in enumerate(ids):
         scene = make_scene(index, seed, size, num_classes)
-        _write_scene(out, name, scene)
+        _write_scene(out, name, scene, layout)
+        tag_lines.append(",".join([f"{name}.jpg", *scene.classes]) + "\n")
         object_names = [obj.name for obj in scene.objects]
         for cls in scene.classes:
             images_per_class[cls] += 1
@@ -1114,14 +1131,18 @@ def generate_demo(
 
     lists = {"train": train, "val": val, "trainval": ids, "train_aug": train}
     for list_name, members in lists.items():
-        _write_text(out / "ImageSets" / "Segmentation" / f"{list_name}.txt", "".join(f"{i}\n" for i in members))
-    _write_text(out / "ImageSets" / "Main" / "trainval.txt", "".join(f"{i}\n" for i in ids))
-    _remove_stale(out, set(ids))
+        _write_text(out / LAYOUTS[layout][3] / f"{list_name}.txt", "".join(f"{i}\n" for i in members))
+    if layout == "voc":
+        _write_text(out / "ImageSets" / "Main" / "trainval.txt", "".join(f"{i}\n" for i in ids))
+    else:
+        _write_text(out / "tags.csv", "".join(tag_lines))
+    _remove_stale(out, set(ids), layout)
 
     summary = {
         "generator": "wsseg demo-data",
         "complete": True,
         "num_images": num_images,
+        "layout": layout,
         "seed": seed,
         "size": size,
         "void_width": void_width(size),
@@ -1133,7 +1154,8 @@ def generate_demo(
         "hard_cases": hard_cases,
     }
     # root absolute: valid from any folder; depth_dir is read only by RGB-D segmenters (acnet)
-    overlay = {"data": {"root": str(out.resolve()), "classes": list(names), "depth_dir": DEPTH_DIR}}
+    overlay = {"data": {**({"format": layout} if layout != "voc" else {}), "root": str(out.resolve()),
+                        "classes": list(names), "depth_dir": DEPTH_DIR}}
     _write_text(out / "config.yaml", "# stack on pipelines/demo.yaml: --config pipelines/demo.yaml --config "
                 f"{out / 'config.yaml'}\n" + yaml.safe_dump(overlay, default_flow_style=None, sort_keys=False))
     _write_text(out / MARKER, json.dumps(summary, indent=2) + "\n")

@@ -321,26 +321,31 @@ class VOCDataset:
         label over its pixels (void and background pixels do not vote).
         """
         path = self._instance_path(image_id)
-        objects = read_label_png(path)
-        semantic = self.read_semantic(image_id)
-        if objects.shape != semantic.shape:
+        return instances_from_maps(path, read_label_png(path), self.read_semantic(image_id), image_id)
+
+
+def instances_from_maps(path: Path, objects: np.ndarray, semantic: np.ndarray, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Instances of a VOC-style instance map `objects` (read from `path`; 0 none, 255 void, other values
+    one object each) with the classes the semantic map votes for: (ids (H, W) uint16 1..M, 65535
+    void; classes (M,) int64, 1-based)."""
+    if objects.shape != semantic.shape:
+        raise UserError(
+            f"{path}: instance map is {objects.shape[1]}x{objects.shape[0]} but the semantic map of {image_id} is "
+            f"{semantic.shape[1]}x{semantic.shape[0]}; the two must match"
+        )
+    ids = np.zeros(objects.shape, dtype=np.uint16)
+    ids[objects == 255] = VOID_INSTANCE
+    values = [value for value in np.unique(objects) if value not in (0, 255)]
+    classes = np.zeros(len(values), dtype=np.int64)
+    for index, value in enumerate(values):
+        mask = objects == value
+        ids[mask] = index + 1
+        votes = semantic[mask]
+        votes = votes[(votes != 0) & (votes != 255)]
+        if votes.size == 0:
             raise UserError(
-                f"{path}: instance map is {objects.shape[1]}x{objects.shape[0]} but the semantic map of {image_id} is "
-                f"{semantic.shape[1]}x{semantic.shape[0]}; the two must match"
+                f"{path}: instance {int(value)} of {image_id} covers no class pixels in the semantic map; "
+                f"fix the instance or semantic label map"
             )
-        ids = np.zeros(objects.shape, dtype=np.uint16)
-        ids[objects == 255] = VOID_INSTANCE
-        values = [value for value in np.unique(objects) if value not in (0, 255)]
-        classes = np.zeros(len(values), dtype=np.int64)
-        for index, value in enumerate(values):
-            mask = objects == value
-            ids[mask] = index + 1
-            votes = semantic[mask]
-            votes = votes[(votes != 0) & (votes != 255)]
-            if votes.size == 0:
-                raise UserError(
-                    f"{path}: instance {int(value)} of {image_id} covers no class pixels in the semantic map; "
-                    f"fix the instance or semantic label map"
-                )
-            classes[index] = int(np.bincount(votes).argmax())
-        return ids, classes
+        classes[index] = int(np.bincount(votes).argmax())
+    return ids, classes

@@ -18,6 +18,7 @@ import numpy as np
 
 from wsseg.config import Config
 from wsseg.data.images import read_label_png, write_label_png
+from wsseg.data.folder import FolderDataset
 from wsseg.data.voc import VOCDataset, read_id_list
 from wsseg.errors import UserError
 from wsseg.store import RunStore, atomic_path, read_json
@@ -25,9 +26,19 @@ from wsseg.store import RunStore, atomic_path, read_json
 # ---------------------------------------------------------------------------- dataset
 
 
-def open_dataset(config: Config) -> VOCDataset:
+def open_dataset(config: Config) -> VOCDataset | FolderDataset:
+    """The dataset reader of `data.format` (each format one module with the same interface)."""
+    if config.data.format == "folder":
+        return FolderDataset(config.data.root, config.data.classes, depth_dir=config.data.depth_dir)
     return VOCDataset(config.data.root, config.data.classes, cls_labels=config.data.cls_labels, label_dirs=config.data.label_dirs,
                       depth_dir=config.data.depth_dir)
+
+
+def read_list(config: Config, key: str) -> list[str]:
+    """The ids of one `data.*_list` key in the dataset's format."""
+    if config.data.format == "folder":
+        return open_dataset(config).read_list(config.get(key), key)
+    return read_id_list(Path(config.data.root), config.get(key), key=key)
 
 
 def require_dataset_root(config: Config) -> Path:
@@ -43,20 +54,37 @@ def image_ids(config: Config, *keys: str) -> list[str]:
     require_dataset_root(config)
     seen: dict[str, None] = {}
     for key in keys:
-        for image_id in read_id_list(Path(config.data.root), config.get(key), key=key):
+        for image_id in read_list(config, key):
             seen.setdefault(image_id, None)
     return list(seen)
 
 
-def ids_with_ground_truth(dataset: VOCDataset, ids: list[str]) -> list[str]:
-    """The ids that have a ground-truth mask; says once, in one line, how many do not."""
+_SAID: set[str] = set()  # the ground-truth notes already given in this process
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger("wsseg").warning("%s", message)
+
+
+def ids_with_ground_truth(dataset: VOCDataset | FolderDataset, ids: list[str]) -> list[str]:
+    """The ids that have a ground-truth mask; says once, in one line, how many do not (and, when none
+    does, that the evaluations are skipped: data without masks runs every stage all the same)."""
     kept = [i for i in ids if dataset.has_semantic(i)]
-    if len(kept) < len(ids):
+    folders = ", ".join(dataset.label_dirs)
+    if ids and not kept:
+        _say_once(f"no ground-truth masks in {folders} under {dataset.root}: evaluations against ground truth are "
+                  f"skipped (quality shows as -)")
+    elif len(kept) < len(ids):
         missing = next(i for i in ids if i not in set(kept))
-        logging.getLogger("wsseg").warning(
-            "%d of %d images have no ground-truth mask (e.g. %s.png, looked in %s); they are left out of the evaluation",
-            len(ids) - len(kept), len(ids), missing, ", ".join(dataset.label_dirs))
+        _say_once(f"{len(ids) - len(kept)} of {len(ids)} images have no ground-truth mask (e.g. {missing}.png, looked in "
+                  f"{folders}); they are left out of the evaluation")
     return kept
+
+
+def has_any_ground_truth(dataset: VOCDataset | FolderDataset, ids: list[str]) -> bool:
+    return any(dataset.has_semantic(i) for i in ids)
 
 
 # ---------------------------------------------------------------------------- CAMs

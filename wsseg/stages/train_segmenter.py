@@ -41,7 +41,15 @@ from wsseg.training import adamw, seed_everything, sgd, train
 
 
 def label_sources(config: Config) -> tuple[str, ...]:
-    return ("pseudo", "gt") if config.segmenter.labels == "both" else (config.segmenter.labels,)
+    """The label sources the stage trains on: `segmenter.labels`, where `both` on data without any
+    ground-truth mask for data.segmenter_train_list (a new domain) is the pseudo labels alone."""
+    if config.segmenter.labels != "both":
+        return (config.segmenter.labels,)
+    dataset = artifacts.open_dataset(config)
+    if not artifacts.has_any_ground_truth(dataset, artifacts.image_ids(config, "data.segmenter_train_list")):
+        artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.segmenter_train_list"))  # says it, once
+        return ("pseudo",)
+    return ("pseudo", "gt")
 
 
 def folder_of(store: RunStore, config: Config, source: str) -> Path:
