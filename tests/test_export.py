@@ -240,3 +240,27 @@ def test_damaged_and_unknown_inputs_name_the_problem(run):
         export_labels(run["dir"], run["tmp"] / "v", "coco", image_ids=IDS, class_names=CLASSES)
     with pytest.raises(UserError, match="synthesize-labels"):
         export_labels(run["tmp"] / "empty", run["tmp"] / "v", "voc", image_ids=IDS, class_names=CLASSES)
+
+
+def test_a_coco_datasets_own_category_ids_go_back_into_the_exports(run):
+    """With category_ids (a COCO dataset: classes 1..C are COCO ids with gaps), every exported category
+    and annotation carries the dataset's id, and the panoptic background takes an id none of them has."""
+    pytest.importorskip("pycocotools.coco", reason="coco-instances needs the optional pycocotools")
+    coco_ids = [18, 1]  # cat -> 18, dog -> 1
+    out = run["tmp"] / "coco-ids"
+    export_labels(run["dir"], out, "coco-instances", image_ids=IDS, class_names=CLASSES, category_ids=coco_ids)
+    data = json.loads((out / "instances.json").read_text())
+    assert {c["id"]: c["name"] for c in data["categories"]} == {18: "cat", 1: "dog"}
+    by_image = {i["id"]: i["wsseg_id"] for i in data["images"]}
+    for image_id, (ids, classes, _) in run["truth"].items():
+        got = [a["category_id"] for a in data["annotations"] if by_image[a["image_id"]] == image_id]
+        assert got == [coco_ids[c - 1] for c in classes]
+    panoptic = run["tmp"] / "panoptic-ids"
+    summary = export_labels(run["dir"], panoptic, "coco-panoptic", image_ids=IDS, class_names=CLASSES, category_ids=coco_ids)
+    assert summary["background_category_id"] == 19
+    data = json.loads((panoptic / "panoptic.json").read_text())
+    assert sorted(c["id"] for c in data["categories"]) == [1, 18, 19]
+    used = {s["category_id"] for a in data["annotations"] for s in a["segments_info"]}
+    assert used <= {1, 18, 19} and 19 in used
+    with pytest.raises(ValueError, match="one distinct id per class"):
+        export_labels(run["dir"], run["tmp"] / "bad", "coco-instances", image_ids=IDS, class_names=CLASSES, category_ids=[1, 1])

@@ -331,6 +331,8 @@ def export_command(config, fmt: str, out: Path | None, list_key: str, min_score:
     summary = export_labels(Path(config.run.dir), out, fmt, image_ids=ids, class_names=list(config.data.classes),
                             image_sizes={i: dataset.image_size(i) for i in ids}, min_score=min_score,
                             image_files={i: dataset.image_path(i).name for i in ids},
+                            category_ids=([dataset.category_id(k) for k in range(1, len(config.data.classes) + 1)]
+                                          if hasattr(dataset, "category_id") else None),
                             list_name=Path(str(config.get(list_key))).stem,
                             image_root=dataset.image_path(ids[0]).parent if fmt == "voc" and ids else None,
                             progress=lambda items, desc: Progress(items, None, desc))
@@ -360,8 +362,8 @@ def calibrate_command(config, images: int, metric: str, holdout: int) -> None:
 @click.option("--size", default=None, type=click.IntRange(min=32), help="Long side of the images in pixels.")
 @click.option("--classes", "num_classes", default=5, show_default=True, type=click.IntRange(5, 20),
               help="Number of classes (VOC has 20); more than 5 adds new shapes and their context backgrounds.")
-@click.option("--format", "layout", default="voc", show_default=True, type=click.Choice(["voc", "folder"]),
-              help="Dataset layout to write (data.format): the VOC 2012 devkit's, or images/ + tags.csv + masks/.")
+@click.option("--format", "layout", default="voc", show_default=True, type=click.Choice(["voc", "coco", "folder"]),
+              help="Dataset layout to write (data.format): the VOC 2012 devkit's, COCO 2014's, or images/ + tags.csv + masks/.")
 def demo_data_command(out: Path, num_images: int | None, seed: int, size: int | None, num_classes: int, layout: str) -> None:
     """Write the synthetic demo dataset (VOC 2012 layout, or --format folder)."""
     from wsseg.data import demo

@@ -132,13 +132,15 @@ class RunSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    format: str = key("voc", "dataset layout: voc (the VOC 2012 devkit: JPEGImages, Annotations, ImageSets, ...) or "
-                             "folder (images/, tags.csv, optional masks/; README)", choices=("voc", "folder"), neutral="voc")
+    format: str = key("voc", "dataset layout: voc (the VOC 2012 devkit: JPEGImages, Annotations, ImageSets, ...), coco "
+                             "(train2014/, val2014/, annotations/instances_*.json) or folder (images/, tags.csv, optional "
+                             "masks/); data/README.md", choices=("voc", "coco", "folder"), neutral="voc")
     root: str = key("data/VOCdevkit/VOC2012", "dataset root in the data.format layout (VOC: the folder with JPEGImages, "
                                               "Annotations, ...)")
     classes: typing.Optional[tuple[str, ...]] = key(None, "foreground class names in class-id order (id = position + 1); "
-                                                          "null: the format's own (voc: VOC's 20; folder: tags.csv's names "
-                                                          "in order of first appearance)")
+                                                          "null: the format's own (voc: VOC's 20; coco: COCO's 80 in "
+                                                          "category-id order; folder: tags.csv's names in order of first "
+                                                          "appearance)")
     train_list: str = key("train_aug", "images for training the CAM and IRN networks (list name or file)")
     label_list: str = key("train_aug", "images that get CAMs, relations and pseudo labels")
     eval_list: str = key("train", "images with ground truth for evaluating CAMs and pseudo labels (IRN: VOC train)")
@@ -590,6 +592,10 @@ def _resolve(config: Config) -> Config:
         from wsseg.data.folder import classes_from_tags
 
         classes = classes_from_tags(config.data.root)
+    elif config.data.format == "coco":
+        from wsseg.data.coco import COCO_CLASSES
+
+        classes = COCO_CLASSES
     else:
         classes = VOC_CLASSES
     return dataclasses.replace(config, data=dataclasses.replace(config.data, classes=tuple(classes)))

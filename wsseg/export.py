@@ -60,6 +60,7 @@ def export_labels(
     class_names: list[str],
     image_sizes: dict[str, tuple[int, int]] | None = None,
     image_files: dict[str, str] | None = None,
+    category_ids: list[int] | None = None,
     min_score: float = 0.0,
     list_name: str = "train",
     image_root: Path | None = None,
@@ -71,6 +72,8 @@ def export_labels(
     image_sizes: optional id -> (height, width) of the source image; a label map of another
       size is an error (the labels belong to other images). Without it the label maps'
       sizes are written.
+    category_ids: the COCO category id of each class 1..C in the exported JSON (a COCO dataset's own,
+      e.g. 1..90 with gaps); None: 1..C.
     image_files: optional id -> image file name as COCO's `file_name` gives it, relative
       to the image folder (default `<id>.jpg`); for `voc` with `image_root`, the file under
       `image_root` that `JPEGImages/<id>.jpg` links to.
@@ -103,7 +106,10 @@ def export_labels(
     ids, skipped = _ready_ids(store, ids, needs)
     if not ids:
         raise UserError(f"{labels}: every image of the list was skipped by an earlier stage; nothing to export")
-    source = _Source(store, class_names, image_sizes or {}, image_files or {}, progress)
+    if category_ids is not None and (len(category_ids) != len(class_names) or len(set(category_ids)) != len(category_ids)):
+        raise ValueError(f"category_ids must give one distinct id per class, got {category_ids} for {class_names}")
+    source = _Source(store, class_names, image_sizes or {}, image_files or {}, progress,
+                     category_ids or list(range(1, len(class_names) + 1)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "coco-instances":
@@ -138,7 +144,9 @@ def _ready_ids(store: RunStore, ids: list[str], needs: tuple[str, ...]) -> tuple
 class _Source:
     """Reads one run's labels, checking them against the classes and image sizes."""
 
-    def __init__(self, store: RunStore, class_names: list[str], image_sizes: dict, image_files: dict, progress) -> None:
+    def __init__(self, store: RunStore, class_names: list[str], image_sizes: dict, image_files: dict, progress,
+                 category_ids: list[int]) -> None:
+        self.category_ids = category_ids  # the COCO category id of class 1..C (a COCO dataset's own; else 1..C)
         self.store = store
         self.class_names = class_names
         self.image_sizes = image_sizes
@@ -246,10 +254,12 @@ def _export_coco_instances(source: _Source, ids: list[str], out: Path, min_score
             area = int(mask_utils.area(rle))
             bbox = [float(v) for v in mask_utils.toBbox(rle)]
             rle["counts"] = rle["counts"].decode("ascii")  # bytes -> str, so json can write it
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": int(classes[k - 1]),
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
+                                "category_id": source.category_ids[int(classes[k - 1]) - 1],
                                 "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0,
                                 "score": float(scores[k - 1])})
-    categories = [{"id": k + 1, "name": name, "supercategory": "object"} for k, name in enumerate(source.class_names)]
+    categories = [{"id": source.category_ids[k], "name": name, "supercategory": "object"}
+                  for k, name in enumerate(source.class_names)]
     path = out / "instances.json"
     write_json(path, {"info": _info(), "licenses": [], "images": _image_entries(source, ids, sizes),
                       "annotations": annotations, "categories": categories})
@@ -260,7 +270,7 @@ def _export_coco_instances(source: _Source, ids: list[str], out: Path, min_score
 
 def _export_coco_panoptic(source: _Source, ids: list[str], out: Path) -> dict:
     num_classes = len(source.class_names)
-    background = num_classes + 1  # the stuff category; 0 stays VOID in the PNGs
+    background = max(source.category_ids) + 1  # the stuff category; 0 stays VOID in the PNGs
     sizes, annotations = {}, []
     png_folder = out / "panoptic"
     segment_count = 0
@@ -279,12 +289,14 @@ def _export_coco_panoptic(source: _Source, ids: list[str], out: Path) -> dict:
             elif not 1 <= category <= num_classes:
                 raise UserError(f"{paths.segments}: category {category} is outside 1..{num_classes} of data.classes; "
                                 f"export with the config the run was made with")
+            else:
+                category = source.category_ids[category - 1]
             exported.append({"id": int(segment["id"]), "category_id": category, "iscrowd": int(segment.get("iscrowd", 0)),
                              "bbox": _bbox(mask), "area": int(mask.sum())})
         _copy(paths.panoptic, png_folder / f"{image_id}.png")
         annotations.append({"image_id": index + 1, "file_name": f"{image_id}.png", "segments_info": exported})
         segment_count += len(exported)
-    categories = [{"id": k + 1, "name": name, "supercategory": "object", "isthing": 1,
+    categories = [{"id": source.category_ids[k], "name": name, "supercategory": "object", "isthing": 1,
                    "color": VOC_PALETTE[k + 1].tolist()} for k, name in enumerate(source.class_names)]
     categories.append({"id": background, "name": "background", "supercategory": "background", "isthing": 0,
                        "color": VOC_PALETTE[0].tolist()})

@@ -47,7 +47,7 @@ import json
 import os
 import re
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1016,16 +1016,60 @@ def _annotation_xml(scene: DemoScene, name: str) -> str:
     return ElementTree.tostring(root, encoding="unicode") + "\n"
 
 
-def _write_scene(out: Path, name: str, scene: DemoScene, layout: str = "voc") -> None:
-    """The scene's files in `layout`: the same bytes in both (the folder layout's tags go to tags.csv)."""
-    images, classes, objects = LAYOUTS[layout][:3]
+def _write_scene(out: Path, name: str, scene: DemoScene, layout: str = "voc", split: str = "train") -> None:
+    """The scene's files in `layout`: the same image and depth bytes in every layout (the folder
+    layout's tags go to tags.csv; the COCO layout's masks to its annotation file, `_coco_objects`)."""
+    if layout == "coco":
+        images = COCO_SPLITS[split]
+    else:
+        images, classes, objects = LAYOUTS[layout][:3]
+        _atomic_write(out / classes / f"{name}.png", lambda tmp: write_label_png(tmp, scene.class_map))
+        _atomic_write(out / objects / f"{name}.png", lambda tmp: write_label_png(tmp, scene.object_map))
     jpeg = Image.fromarray(scene.image, mode="RGB")
     _atomic_write(out / images / f"{name}.jpg", lambda tmp: jpeg.save(tmp, format="JPEG", quality=JPEG_QUALITY))
-    _atomic_write(out / classes / f"{name}.png", lambda tmp: write_label_png(tmp, scene.class_map))
-    _atomic_write(out / objects / f"{name}.png", lambda tmp: write_label_png(tmp, scene.object_map))
     if layout == "voc":
         _write_text(out / "Annotations" / f"{name}.xml", _annotation_xml(scene, name))
     _atomic_write(out / DEPTH_DIR / f"{name}.png", lambda tmp: write_depth_png(tmp, scene.depth))
+
+
+# The COCO layout's image folders per list, and the demo's category ids: odd numbers, so that the
+# reader's mapping from COCO's ids (1..90, with gaps) to contiguous class ids is exercised.
+COCO_SPLITS = {"train": "train2014", "val": "val2014"}
+
+
+def coco_category_id(class_index: int) -> int:
+    return 2 * class_index + 1
+
+
+def _coco_objects(scene: DemoScene, image_number: int, first_id: int, names: Sequence[str]) -> list[dict]:
+    """The scene's objects as COCO annotations (RLE), and its void band as one crowd region (the
+    reader maps crowd to ignore, as the VOC layout's 255)."""
+    from wsseg.data.coco import mask_api
+
+    api = mask_api()
+
+    def rle(mask: np.ndarray) -> dict:
+        encoded = api.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+    annotations = []
+    for obj in scene.objects:
+        mask = scene.object_map == obj.index
+        if not mask.any():
+            continue
+        ys, xs = np.nonzero(mask)
+        annotations.append({"id": first_id + len(annotations), "image_id": image_number,
+                            "category_id": coco_category_id(names.index(obj.name)), "segmentation": rle(mask),
+                            "area": int(mask.sum()), "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                                              int(ys.max() - ys.min() + 1)], "iscrowd": 0})
+    void = scene.object_map == 255
+    if void.any() and annotations:
+        ys, xs = np.nonzero(void)
+        annotations.append({"id": first_id + len(annotations), "image_id": image_number,
+                            "category_id": annotations[0]["category_id"], "segmentation": rle(void),
+                            "area": int(void.sum()), "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                                              int(ys.max() - ys.min() + 1)], "iscrowd": 1})
+    return annotations
 
 
 DEPTH_DIR = "Depth"
@@ -1033,11 +1077,14 @@ DEPTH_DIR = "Depth"
 LAYOUTS = {
     "voc": ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"),
     "folder": ("images", "masks", "instances", "lists"),
+    "coco": ("train2014", "val2014", "annotations", "lists"),  # images of each split; annotations/instances_<split>.json
 }
 _OWN_FILE = re.compile(re.escape(ID_PREFIX) + r"\d{6}\.(jpg|png|xml)")
 
 
 def _image_folders(layout: str) -> tuple[str, ...]:
+    if layout == "coco":
+        return (*COCO_SPLITS.values(), DEPTH_DIR)
     return (*LAYOUTS[layout][:3], *(("Annotations",) if layout == "voc" else ()), DEPTH_DIR)
 
 
@@ -1050,7 +1097,8 @@ def _prepare(out: Path, layout: str = "voc") -> None:
             f"--out: {out} is not empty and was not written by `wsseg demo-data` (no {MARKER}); "
             f"choose an empty or new folder"
         )
-    for folder in (*_image_folders(layout), LAYOUTS[layout][3], *(("ImageSets/Main",) if layout == "voc" else ())):
+    for folder in (*_image_folders(layout), LAYOUTS[layout][3], *(("ImageSets/Main",) if layout == "voc" else ()),
+                   *(("annotations",) if layout == "coco" else ())):
         (out / folder).mkdir(parents=True, exist_ok=True)
     _write_text(out / MARKER, json.dumps({"generator": "wsseg demo-data", "complete": False}) + "\n")
 
@@ -1097,6 +1145,7 @@ def generate_demo(
     out = Path(out)
     _prepare(out, layout)
     tag_lines = []
+    coco: dict[str, dict] = {split: {"images": [], "annotations": []} for split in COCO_SPLITS}
 
     ids = [image_id(index) for index in range(num_images)]
     val = [ids[i] for i in range(num_images) if i % VAL_EVERY == VAL_EVERY - 1]
@@ -1110,8 +1159,14 @@ def generate_demo(
     )
     for index, name in enumerate(ids):
         scene = make_scene(index, seed, size, num_classes)
-        _write_scene(out, name, scene, layout)
+        split = "val" if index % VAL_EVERY == VAL_EVERY - 1 else "train"
+        _write_scene(out, name, scene, layout, split)
         tag_lines.append(",".join([f"{name}.jpg", *scene.classes]) + "\n")
+        if layout == "coco":
+            height, width = scene.class_map.shape
+            coco[split]["images"].append({"id": index + 1, "file_name": f"{name}.jpg", "height": height, "width": width})
+            coco[split]["annotations"] += _coco_objects(scene, index + 1, 1 + sum(len(c["annotations"]) for c in coco.values()),
+                                                        names)
         object_names = [obj.name for obj in scene.objects]
         for cls in scene.classes:
             images_per_class[cls] += 1
@@ -1134,8 +1189,14 @@ def generate_demo(
         _write_text(out / LAYOUTS[layout][3] / f"{list_name}.txt", "".join(f"{i}\n" for i in members))
     if layout == "voc":
         _write_text(out / "ImageSets" / "Main" / "trainval.txt", "".join(f"{i}\n" for i in ids))
-    else:
+    elif layout == "folder":
         _write_text(out / "tags.csv", "".join(tag_lines))
+    else:
+        categories = [{"id": coco_category_id(k), "name": name, "supercategory": "object"} for k, name in enumerate(names)]
+        for split, folder in COCO_SPLITS.items():
+            _write_text(out / "annotations" / f"instances_{folder}.json",
+                        json.dumps({"info": {"description": f"wsseg demo-data, seed {seed}"}, "licenses": [],
+                                    "categories": categories, **coco[split]}) + "\n")
     _remove_stale(out, set(ids), layout)
 
     summary = {
@@ -1156,6 +1217,9 @@ def generate_demo(
     # root absolute: valid from any folder; depth_dir is read only by RGB-D segmenters (acnet)
     overlay = {"data": {**({"format": layout} if layout != "voc" else {}), "root": str(out.resolve()),
                         "classes": list(names), "depth_dir": DEPTH_DIR}}
+    if layout == "coco":  # the lists are the annotation files (their images with objects)
+        overlay["data"].update({key: COCO_SPLITS["train"] for key in ("train_list", "label_list", "eval_list",
+                                                                      "segmenter_train_list")}, val_list=COCO_SPLITS["val"])
     _write_text(out / "config.yaml", "# stack on pipelines/demo.yaml: --config pipelines/demo.yaml --config "
                 f"{out / 'config.yaml'}\n" + yaml.safe_dump(overlay, default_flow_style=None, sort_keys=False))
     _write_text(out / MARKER, json.dumps(summary, indent=2) + "\n")

@@ -18,6 +18,7 @@ import numpy as np
 
 from wsseg.config import Config
 from wsseg.data.images import read_label_png, write_label_png
+from wsseg.data.coco import CocoDataset
 from wsseg.data.folder import FolderDataset
 from wsseg.data.voc import VOCDataset, read_id_list
 from wsseg.errors import UserError
@@ -26,17 +27,19 @@ from wsseg.store import RunStore, atomic_path, read_json
 # ---------------------------------------------------------------------------- dataset
 
 
-def open_dataset(config: Config) -> VOCDataset | FolderDataset:
+def open_dataset(config: Config) -> VOCDataset | FolderDataset | CocoDataset:
     """The dataset reader of `data.format` (each format one module with the same interface)."""
     if config.data.format == "folder":
         return FolderDataset(config.data.root, config.data.classes, depth_dir=config.data.depth_dir)
+    if config.data.format == "coco":
+        return CocoDataset(config.data.root, config.data.classes, depth_dir=config.data.depth_dir)
     return VOCDataset(config.data.root, config.data.classes, cls_labels=config.data.cls_labels, label_dirs=config.data.label_dirs,
                       depth_dir=config.data.depth_dir)
 
 
 def read_list(config: Config, key: str) -> list[str]:
     """The ids of one `data.*_list` key in the dataset's format."""
-    if config.data.format == "folder":
+    if config.data.format in ("folder", "coco"):
         return open_dataset(config).read_list(config.get(key), key)
     return read_id_list(Path(config.data.root), config.get(key), key=key)
 
