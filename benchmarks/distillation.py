@@ -35,7 +35,8 @@ INTRO = """Structured knowledge distillation (`segmenter.teacher`) on the demo (
 def train(args, run_dir: Path, name: str, sets: list[str], work: Path) -> dict:
     """One train-segmenter run (cached by name and arguments); returns its metrics on `args.labels`."""
     done = work / f"{name}.json"
-    key = {"args": vars(args) | {"run": str(args.run), "config": str(args.config)}, "sets": sets}
+    # what the run's result depends on: the command's overrides, steps, labels, config file and demo run
+    key = {"sets": sets, "steps": args.steps, "labels": args.labels, "config": args.config.read_text(), "run": str(args.run)}
     if done.exists():
         cached = json.loads(done.read_text())
         if cached.get("key") == key:
@@ -58,16 +59,21 @@ def train(args, run_dir: Path, name: str, sets: list[str], work: Path) -> dict:
 
 def student_run(args, seed: int, teacher_run: Path, work: Path, taught: bool) -> dict:
     """The student in a fresh copy of the run that holds the teacher's trained folder (hard links)."""
-    name = f"student-s{seed}-{'taught' if taught else 'plain'}"
+    name = f"student-s{seed}-{'taught-' + variant(args) if taught else 'plain'}"
     run_dir = work / name
     copy_run(args.run, run_dir)
     shutil.copytree(teacher_run / "segmenter" / args.teacher, run_dir / "segmenter" / args.teacher, copy_function=os.link)
     sets = [f"segmenter.model={args.student}", f"segmenter.seed={seed}", f"segmenter.width={args.student_width}",
-            *([f"segmenter.teacher={args.teacher}"] if taught else []), *args.set]
+            *([f"segmenter.teacher={args.teacher}", *args.set] if taught else [])]
     try:
         return train(args, run_dir, name, sets, work)
     finally:
         shutil.rmtree(run_dir)
+
+
+def variant(args) -> str:
+    """A name for the taught runs' overrides (file names, the section's heading)."""
+    return "-".join(s.replace("segmenter.", "").replace("=", "") for s in args.set) or "paper"
 
 
 def main() -> None:
@@ -81,7 +87,8 @@ def main() -> None:
     parser.add_argument("--labels", default="pseudo", choices=("pseudo", "gt"))
     parser.add_argument("--seeds", default="0,1", help="the student's training seeds, comma-separated")
     parser.add_argument("--steps", type=int, default=1000, help="optimisation steps of every run")
-    parser.add_argument("--set", action="append", default=[], help="extra override for the student runs")
+    parser.add_argument("--set", action="append", default=[],
+                        help="extra override for the taught runs (e.g. segmenter.distill_pixel=1.0); the plain runs are shared")
     parser.add_argument("--tag", default="default", help="cache folder under runs/bench/distillation")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
@@ -118,7 +125,7 @@ def main() -> None:
                    "taught single / ms+flip / +CRF", "plain train img/s", "taught train img/s"], rows)
     print(text)
     if not args.no_docs:
-        write_section(SECTION, INTRO, "CPU", text)
+        write_section(SECTION, INTRO, f"CPU, {' '.join(args.set) or 'the authors weights'}", text)
 
 
 if __name__ == "__main__":
