@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from wsseg.data.images import read_depth_png, read_image, too_large
+from wsseg.data.images import read_image
+from wsseg.data.reader import DepthMaps, header_size
 from wsseg.errors import UserError
 
 VOID_INSTANCE = 65535
@@ -124,7 +124,7 @@ def _load_split(path: Path) -> _Split:
     return _SPLITS[key]
 
 
-class CocoDataset:
+class CocoDataset(DepthMaps):
     """Read images, tags and rasterised ground truth of the COCO layout; the interface of `VOCDataset`."""
 
     def __init__(self, root: str | os.PathLike, classes: Sequence[str], *, depth_dir: str | None = None) -> None:
@@ -143,9 +143,7 @@ class CocoDataset:
         self._class_of_name = {name: index + 1 for index, name in enumerate(self.classes)}
         self._split_of: dict[str, str] = {}
         self._registered: set[str] = set()
-        self.depth_dir: Path | None = None
-        if depth_dir is not None:
-            self.depth_dir = Path(depth_dir) if Path(depth_dir).is_absolute() else self.root / depth_dir
+        self.set_depth_dir(depth_dir)
 
     # ---- annotation files
 
@@ -220,30 +218,7 @@ class CocoDataset:
 
     def file_size(self, image_id: str) -> tuple[int, int]:
         """(H, W) from the image file's header (checks that the file is there and readable)."""
-        path = self.image_path(image_id)
-        if not path.is_file():
-            raise UserError(f"{path}: file not found; its annotation file lists it, so put it there or use a list without it")
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except Image.DecompressionBombError as error:
-            raise UserError(too_large(path, error)) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise UserError(f"{path}: cannot read the image ({error}); replace the file or leave it out of the list") from None
-        return height, width
-
-    def depth_path(self, image_id: str) -> Path:
-        if self.depth_dir is None:
-            raise UserError("data.depth_dir: not set; point it at the folder of 16-bit depth PNGs, one <id>.png per image "
-                            "(relative to data.root or absolute)")
-        return self.depth_dir / f"{image_id}.png"
-
-    def read_depth(self, image_id: str) -> np.ndarray:
-        path = self.depth_path(image_id)
-        if not path.is_file():
-            raise UserError(f"data.depth_dir: depth image {path} not found; every image needs its depth map there "
-                            f"as <id>.png (16-bit, larger = farther, 0 = no reading)")
-        return read_depth_png(path)
+        return header_size(self.image_path(image_id), "its annotation file lists it, so put it there or use a list without it")
 
     # ---- tags
 

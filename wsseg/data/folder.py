@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from wsseg.data.images import read_depth_png, read_image, read_label_png, too_large
+from wsseg.data.images import read_image, read_label_png
+from wsseg.data.reader import DepthMaps, header_size
 from wsseg.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -68,7 +68,7 @@ def classes_from_tags(root: str | os.PathLike) -> tuple[str, ...]:
     return tuple(seen)
 
 
-class FolderDataset:
+class FolderDataset(DepthMaps):
     """Read images, tags and (optional) masks of the folder layout; the interface of `VOCDataset`."""
 
     def __init__(self, root: str | os.PathLike, classes: Sequence[str], *, depth_dir: str | None = None) -> None:
@@ -104,9 +104,7 @@ class FolderDataset:
             self._files[image_id] = file_name
             self._tags[image_id] = np.array(sorted({index[name] for name in names}), dtype=np.int64)
             self._lines[image_id] = line
-        self.depth_dir: Path | None = None
-        if depth_dir is not None:
-            self.depth_dir = Path(depth_dir) if Path(depth_dir).is_absolute() else self.root / depth_dir
+        self.set_depth_dir(depth_dir)
 
     # ---- lists
 
@@ -141,30 +139,7 @@ class FolderDataset:
         return read_image(self.image_path(image_id))
 
     def image_size(self, image_id: str) -> tuple[int, int]:
-        path = self.image_path(image_id)
-        if not path.is_file():
-            raise UserError(f"{path}: file not found; {TAGS_FILE} lists it, so put it in images/ or remove its line")
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except Image.DecompressionBombError as error:
-            raise UserError(too_large(path, error)) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise UserError(f"{path}: cannot read the image ({error}); replace the file or remove its line") from None
-        return height, width
-
-    def depth_path(self, image_id: str) -> Path:
-        if self.depth_dir is None:
-            raise UserError("data.depth_dir: not set; point it at the folder of 16-bit depth PNGs, one <id>.png per image "
-                            "(relative to data.root or absolute)")
-        return self.depth_dir / f"{image_id}.png"
-
-    def read_depth(self, image_id: str) -> np.ndarray:
-        path = self.depth_path(image_id)
-        if not path.is_file():
-            raise UserError(f"data.depth_dir: depth image {path} not found; every image needs its depth map there "
-                            f"as <id>.png (16-bit, larger = farther, 0 = no reading)")
-        return read_depth_png(path)
+        return header_size(self.image_path(image_id), f"{TAGS_FILE} lists it, so put it in images/ or remove its line")
 
     # ---- tags
 

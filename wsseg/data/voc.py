@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from wsseg.data.images import read_depth_png, read_image, read_label_png, too_large
+from wsseg.data.images import read_image, read_label_png
+from wsseg.data.reader import DepthMaps, header_size
 from wsseg.errors import UserError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -129,7 +129,7 @@ def load_pickled_npy(path: Path):
     return array.item() if getattr(array, "shape", None) == () else array
 
 
-class VOCDataset:
+class VOCDataset(DepthMaps):
     """Read images, tags, semantic and instance labels of a VOC-layout dataset.
 
     A plain reader (not a torch Dataset): the torch datasets in `wsseg.data.datasets`
@@ -171,9 +171,7 @@ class VOCDataset:
         if cls_labels is not None:
             self._cls_labels_path = Path(cls_labels) if Path(cls_labels).is_absolute() else self.root / cls_labels
             self._cls_labels = self._load_cls_labels(self._cls_labels_path)
-        self.depth_dir: Path | None = None
-        if depth_dir is not None:
-            self.depth_dir = Path(depth_dir) if Path(depth_dir).is_absolute() else self.root / depth_dir
+        self.set_depth_dir(depth_dir)
 
     # ---- images
 
@@ -184,33 +182,9 @@ class VOCDataset:
         """(H, W, 3) uint8 RGB."""
         return read_image(self.image_path(image_id))
 
-    def depth_path(self, image_id: str) -> Path:
-        if self.depth_dir is None:
-            raise UserError("data.depth_dir: not set; point it at the folder of 16-bit depth PNGs, one <id>.png per image "
-                            "(relative to data.root or absolute)")
-        return self.depth_dir / f"{image_id}.png"
-
-    def read_depth(self, image_id: str) -> np.ndarray:
-        """(H, W) uint16 depth of the image from `depth_dir`: larger = farther, 0 = no reading."""
-        path = self.depth_path(image_id)
-        if not path.is_file():
-            raise UserError(f"data.depth_dir: depth image {path} not found; every image needs its depth map there "
-                            f"as <id>.png (16-bit, larger = farther, 0 = no reading)")
-        return read_depth_png(path)
-
     def image_size(self, image_id: str) -> tuple[int, int]:
         """(H, W) from the file header, without decoding the pixels."""
-        path = self.image_path(image_id)
-        if not path.is_file():
-            raise UserError(f"{path}: file not found; check data.root and the image list")
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except Image.DecompressionBombError as error:
-            raise UserError(too_large(path, error)) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise UserError(f"{path}: cannot read the image ({error}); replace the file or remove its id from the list") from None
-        return height, width
+        return header_size(self.image_path(image_id), "check data.root and the image list")
 
     # ---- tags
 
