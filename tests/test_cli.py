@@ -81,3 +81,27 @@ def test_config_prints_the_resolved_config_and_names_a_bad_option():
                    "segmenter.options.maxdeeplab", "did you mean 'num_slots'")
     keys = wsseg("config", "--keys")
     assert keys.returncode == 0 and "conf_fg: 0.3" in keys.stdout and "maxdeeplab: output_stride=16" in keys.stdout
+
+
+def test_running_out_of_memory_is_one_sentence_pointing_to_max_side():
+    """A stage that runs out of memory (numpy's MemoryError, torch's allocator) ends with one line that says
+    what to do (data.max_side) and exit code 1, not a traceback."""
+    import subprocess
+    import sys
+
+    from wsseg.cli import out_of_memory
+
+    assert out_of_memory(MemoryError()) and not out_of_memory(ValueError("x"))
+    assert out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: "
+                                      "you tried to allocate 8000000000 bytes."))
+    script = ("import click, wsseg.cli as c\n"
+              "@c.cli.command('hog')\n"
+              "def hog():\n"
+              "    import numpy\n"
+              "    numpy.zeros((1 << 62,), dtype=numpy.uint8)\n"
+              "c.main()\n")
+    result = subprocess.run([sys.executable, "-c", script, "hog"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("wsseg: error: out of memory (")
+    assert "set data.max_side" in lines[0]

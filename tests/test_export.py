@@ -264,3 +264,26 @@ def test_a_coco_datasets_own_category_ids_go_back_into_the_exports(run):
     assert used <= {1, 18, 19} and 19 in used
     with pytest.raises(ValueError, match="one distinct id per class"):
         export_labels(run["dir"], run["tmp"] / "bad", "coco-instances", image_ids=IDS, class_names=CLASSES, category_ids=[1, 1])
+
+
+def test_labels_made_at_data_max_side_go_back_to_the_files_size(run):
+    """rescale (data.max_side): every exported map is the run's map resized nearest to the file's size."""
+    from wsseg.data.transforms import resize_labels
+
+    doubled = {image_id: (ids.shape[0] * 2, ids.shape[1] * 2) for image_id, (ids, _, _) in run["truth"].items()}
+    out = run["tmp"] / "voc-back"
+    export_labels(run["dir"], out, "voc", image_ids=IDS, class_names=CLASSES, image_sizes=doubled, rescale=True)
+    for image_id, (ids, classes, _) in run["truth"].items():
+        semantic = np.asarray(Image.open(out / "SegmentationClass" / f"{image_id}.png"))
+        assert semantic.shape == doubled[image_id]
+        made = np.asarray(Image.open(run["dir"] / "labels" / "semantic" / f"{image_id}.png"))
+        assert np.array_equal(semantic, resize_labels(made, doubled[image_id]))
+        objects = np.asarray(Image.open(out / "SegmentationObject" / f"{image_id}.png"))
+        assert objects.shape == doubled[image_id] and np.array_equal(objects > 0, resize_labels(ids, doubled[image_id]) > 0)
+    panoptic = run["tmp"] / "panoptic-back"
+    export_labels(run["dir"], panoptic, "coco-panoptic", image_ids=IDS, class_names=CLASSES, image_sizes=doubled, rescale=True)
+    for image_id in IDS:
+        assert decode_ids(read_image(panoptic / "panoptic" / f"{image_id}.png")).shape == doubled[image_id]
+    # without rescale a size mismatch stays an error: the labels belong to other images
+    with pytest.raises(UserError, match="label map is"):
+        export_labels(run["dir"], run["tmp"] / "no", "voc", image_ids=IDS, class_names=CLASSES, image_sizes=doubled)

@@ -88,7 +88,21 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - the last line of defence for the user
         if debug:
             raise
+        if out_of_memory(error):
+            _fail(f"out of memory ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else 'no detail'}); "
+                  f"large images at the recipe's scales may need more than this machine has: set data.max_side (e.g. "
+                  f"2000) to downscale them on read, or lower cam.scales and the batch sizes (docs/BENCHMARKS.md, Large "
+                  f"images); finished items are kept", 1)
         _fail(f"unexpected failure: {type(error).__name__}: {error} (run again with --debug for the traceback)", 1)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """numpy's and Python's MemoryError, torch's CUDA OutOfMemoryError and its CPU allocator's failure."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("not enough memory" in text or "can't allocate memory" in text
+                                                or "out of memory" in text.lower())
 
 
 class _Commands(click.Group):
@@ -329,7 +343,9 @@ def export_command(config, fmt: str, out: Path | None, list_key: str, min_score:
     ids = artifacts.image_ids(config, list_key)
     out = out or Path(config.run.dir) / "export" / fmt
     summary = export_labels(Path(config.run.dir), out, fmt, image_ids=ids, class_names=list(config.data.classes),
-                            image_sizes={i: dataset.image_size(i) for i in ids}, min_score=min_score,
+                            image_sizes={i: (dataset.original_size(i) if config.data.max_side else dataset.image_size(i))
+                                         for i in ids},
+                            rescale=config.data.max_side > 0, min_score=min_score,
                             image_files={i: dataset.image_path(i).name for i in ids},
                             category_ids=([dataset.category_id(k) for k in range(1, len(config.data.classes) + 1)]
                                           if hasattr(dataset, "category_id") else None),

@@ -149,6 +149,9 @@ class DataSection:
     cls_labels: typing.Optional[str] = key(None, "IRN's cls_labels.npy for image tags instead of the XML annotations")
     label_dirs: tuple[str, ...] = key(("SegmentationClass", "SegmentationClassAug"), "folders searched in order for ground-truth class maps")
     on_bad_image: str = key("error", "error: stop at an unreadable image; skip: leave it out and report it", choices=("error", "skip"))
+    max_side: int = key(0, "images whose long side is longer are downscaled to it on read (masks and depth too): every "
+                           "stage then works at that size, and `wsseg export` maps the labels back to the files' size; "
+                           "0 = off (camera photos of 4000 px: docs/BENCHMARKS.md, Large images)", low=0, neutral=0)
     depth_dir: typing.Optional[str] = key(None, "folder of depth maps for RGB-D segmenters (segmenter.model: acnet): one 16-bit "
                                                 "PNG per image, <id>.png, larger = farther, 0 = no reading; relative to data.root "
                                                 "or absolute (`wsseg demo-data` writes Depth). null = no depth; models "

@@ -39,9 +39,9 @@ from typing import Callable, Iterable
 import numpy as np
 
 from wsseg.class_ids import BACKGROUND, IGNORE
-from wsseg.data.images import VOC_PALETTE, read_image, write_label_png
+from wsseg.data.images import VOC_PALETTE, read_image, write_label_png, write_rgb_png
 from wsseg.errors import UserError
-from wsseg.ops.panoptic import BACKGROUND_CATEGORY, decode_ids
+from wsseg.ops.panoptic import BACKGROUND_CATEGORY, decode_ids, encode_ids
 from wsseg.stages import artifacts
 from wsseg.stages.per_image import skipped_ids
 from wsseg.stages.synthesize_labels import Paths, read_instances
@@ -61,6 +61,7 @@ def export_labels(
     image_sizes: dict[str, tuple[int, int]] | None = None,
     image_files: dict[str, str] | None = None,
     category_ids: list[int] | None = None,
+    rescale: bool = False,
     min_score: float = 0.0,
     list_name: str = "train",
     image_root: Path | None = None,
@@ -72,6 +73,8 @@ def export_labels(
     image_sizes: optional id -> (height, width) of the source image; a label map of another
       size is an error (the labels belong to other images). Without it the label maps'
       sizes are written.
+    rescale: the run read its images downscaled (`data.max_side`): label maps are brought back to
+      `image_sizes` (the files' sizes) by nearest neighbour before they are written.
     category_ids: the COCO category id of each class 1..C in the exported JSON (a COCO dataset's own,
       e.g. 1..90 with gaps); None: 1..C.
     image_files: optional id -> image file name as COCO's `file_name` gives it, relative
@@ -109,7 +112,7 @@ def export_labels(
     if category_ids is not None and (len(category_ids) != len(class_names) or len(set(category_ids)) != len(category_ids)):
         raise ValueError(f"category_ids must give one distinct id per class, got {category_ids} for {class_names}")
     source = _Source(store, class_names, image_sizes or {}, image_files or {}, progress,
-                     category_ids or list(range(1, len(class_names) + 1)))
+                     category_ids or list(range(1, len(class_names) + 1)), rescale)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "coco-instances":
@@ -145,8 +148,9 @@ class _Source:
     """Reads one run's labels, checking them against the classes and image sizes."""
 
     def __init__(self, store: RunStore, class_names: list[str], image_sizes: dict, image_files: dict, progress,
-                 category_ids: list[int]) -> None:
+                 category_ids: list[int], rescale: bool = False) -> None:
         self.category_ids = category_ids  # the COCO category id of class 1..C (a COCO dataset's own; else 1..C)
+        self.rescale = rescale  # label maps made at data.max_side go back to the files' sizes
         self.store = store
         self.class_names = class_names
         self.image_sizes = image_sizes
@@ -168,6 +172,15 @@ class _Source:
                             f"the labels belong to other images: rerun synthesize-labels with --force")
         return height, width
 
+    def restored(self, image_id: str, labels: np.ndarray) -> np.ndarray:
+        """A label map made on the downscaled image (data.max_side), at the file's size again (nearest)."""
+        size = self.image_sizes.get(image_id)
+        if not self.rescale or size is None or tuple(labels.shape[:2]) == (int(size[0]), int(size[1])):
+            return labels
+        from wsseg.data.transforms import resize_labels
+
+        return resize_labels(labels, (int(size[0]), int(size[1])))
+
     def check_classes(self, classes: np.ndarray, path: Path) -> None:
         bad = classes[(classes < 1) | (classes > len(self.class_names))]
         if bad.size:
@@ -187,14 +200,14 @@ class _Source:
         if ids.ndim != 2 or classes.shape != scores.shape or ids.max(initial=0) > len(classes):
             raise UserError(f"{path}: instance map and class list disagree; rerun synthesize-labels with --force")
         self.check_classes(classes, path)
-        return ids, classes, scores
+        return self.restored(image_id, ids), classes, scores
 
     def semantic(self, image_id: str) -> np.ndarray:
         path = Paths(self.store, image_id).semantic
         labels = artifacts.read_labels(path)
         if labels is None:
             raise UserError(f"{path}: damaged semantic labels; rerun synthesize-labels (it recomputes damaged files)")
-        return labels
+        return self.restored(image_id, labels)
 
     def panoptic(self, image_id: str) -> tuple[np.ndarray, list[dict]]:
         """Segment ids (H, W) int64 (0 VOID) and the run's segments_info (category 0 = background)."""
@@ -208,7 +221,7 @@ class _Source:
         if unlisted:
             raise UserError(f"{paths.panoptic}: segment {min(unlisted)} is not in {paths.segments.name}; "
                             f"rerun synthesize-labels with --force")
-        return segments, entry["segments_info"]
+        return self.restored(image_id, segments), entry["segments_info"]
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -293,7 +306,11 @@ def _export_coco_panoptic(source: _Source, ids: list[str], out: Path) -> dict:
                 category = source.category_ids[category - 1]
             exported.append({"id": int(segment["id"]), "category_id": category, "iscrowd": int(segment.get("iscrowd", 0)),
                              "bbox": _bbox(mask), "area": int(mask.sum())})
-        _copy(paths.panoptic, png_folder / f"{image_id}.png")
+        if source.rescale:  # made at data.max_side: the PNG at the file's size, written anew
+            with atomic_path(png_folder / f"{image_id}.png") as tmp:
+                write_rgb_png(tmp, encode_ids(segments))
+        else:
+            _copy(paths.panoptic, png_folder / f"{image_id}.png")
         annotations.append({"image_id": index + 1, "file_name": f"{image_id}.png", "segments_info": exported})
         segment_count += len(exported)
     categories = [{"id": source.category_ids[k], "name": name, "supercategory": "object", "isthing": 1,
@@ -340,7 +357,11 @@ def _export_voc(source: _Source, ids: list[str], out: Path, min_score: float, li
             if voc_class != int(classes[k - 1]):
                 mismatches.append({"image": image_id, "instance": kept, "class": int(classes[k - 1]), "voc_class": voc_class})
         instances += kept
-        _copy(paths.semantic, out / "SegmentationClass" / f"{image_id}.png")
+        if source.rescale:  # made at data.max_side: the map at the file's size, written anew
+            with atomic_path(out / "SegmentationClass" / f"{image_id}.png") as tmp:
+                write_label_png(tmp, semantic)
+        else:
+            _copy(paths.semantic, out / "SegmentationClass" / f"{image_id}.png")
         with atomic_path(out / "SegmentationObject" / f"{image_id}.png") as tmp:
             write_label_png(tmp, objects)
         if image_root is not None:

@@ -114,6 +114,8 @@ def stage_inputs(stage: Stage, config: Config) -> dict[str, Any]:
         values["data.root"] = str(Path(values["data.root"]).resolve())
         if config.data.format != "voc":  # the layout the root is read in (voc, the first, stays out: old fingerprints hold)
             values["data.format"] = config.data.format
+        if config.data.max_side:  # the size every image is read at (0, off, stays out)
+            values["data.max_side"] = config.data.max_side
     list_keys = [k for k in values if k.startswith("data.") and k.endswith("_list")]
     for key, value in _list_digests(config, list_keys).items():
         values[f"{key}#content"] = value

@@ -251,3 +251,35 @@ def test_the_coco_recipe_stacks_on_the_voc_one():
     assert config.data.format == "coco" and config.data.classes == COCO_CLASSES
     assert (config.data.train_list, config.data.val_list) == ("train2014", "val2014")
     assert (config.cam.epochs, config.irn.epochs, config.relations.conf_fg, config.labels.sem_background) == (5, 3, 0.3, 0.25)
+
+
+def test_max_side_downscales_every_read_and_keeps_the_original_size(layouts):
+    from wsseg import pipeline
+    from wsseg.data.reader import Downscaled
+    from wsseg.data.transforms import resize_labels
+
+    voc, _ = layouts
+    plain = load_config([DEMO, voc / "config.yaml"])
+    small = load_config([DEMO, voc / "config.yaml"], ["data.max_side=40"])
+    full, dataset = artifacts.open_dataset(plain), artifacts.open_dataset(small)
+    assert isinstance(dataset, Downscaled)
+    for image_id in artifacts.image_ids(plain, "data.train_list")[:6]:
+        height, width = full.image_size(image_id)
+        size = dataset.image_size(image_id)
+        assert max(size) == 40 and abs(size[0] / size[1] - height / width) < 0.05
+        assert dataset.original_size(image_id) == (height, width)
+        image = dataset.read_image(image_id)
+        assert image.shape == (*size, 3) and image.dtype == np.uint8
+        assert abs(float(image.mean()) - float(full.read_image(image_id).mean())) < 3  # antialiased, not sampled
+        assert np.array_equal(dataset.read_semantic(image_id), resize_labels(full.read_semantic(image_id), size))
+        ids, classes = dataset.read_instances(image_id)
+        assert ids.shape == size and set(np.unique(ids)) - {0, 65535} == set(range(1, len(classes) + 1))
+        assert dataset.read_depth(image_id).shape == size
+        assert np.array_equal(dataset.tags(image_id), full.tags(image_id))
+    stage = pipeline.stage_by_name("make-cam")
+    assert "data.max_side" not in pipeline.stage_inputs(stage, plain)
+    assert pipeline.stage_inputs(stage, small)["data.max_side"] == 40
+    # an image that already fits is read as it is
+    roomy = artifacts.open_dataset(load_config([DEMO, voc / "config.yaml"], ["data.max_side=4000"]))
+    first = artifacts.image_ids(plain, "data.train_list")[0]
+    assert np.array_equal(roomy.read_image(first), full.read_image(first))

@@ -48,3 +48,63 @@ class DepthMaps:
             raise UserError(f"data.depth_dir: depth image {path} not found; every image needs its depth map there "
                             f"as <id>.png (16-bit, larger = farther, 0 = no reading)")
         return read_depth_png(path)
+
+
+def scaled_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(H, W) with the long side brought down to `max_side` (aspect kept, rounded); unchanged when it fits."""
+    height, width = size
+    if max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class Downscaled:
+    """A dataset reader whose images have their long side brought down to `max_side` on read
+    (`data.max_side`): the image antialiased (PIL's bicubic, a filter as wide as the reduction),
+    its masks and depth map nearest-neighbour, so that every stage works at the smaller size.
+    `original_size` gives the file's size, for exports that map the labels back. Everything else
+    (tags, lists, which images have masks) is the wrapped reader's."""
+
+    def __init__(self, dataset, max_side: int) -> None:
+        self.dataset = dataset
+        self.max_side = int(max_side)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dataset, name)
+
+    def original_size(self, image_id: str) -> tuple[int, int]:
+        return self.dataset.image_size(image_id)
+
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        return scaled_size(self.dataset.image_size(image_id), self.max_side)
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        from wsseg.data.transforms import resize_image
+
+        image = self.dataset.read_image(image_id)
+        size = scaled_size(image.shape[:2], self.max_side)
+        return image if size == image.shape[:2] else resize_image(image, size, "bicubic")
+
+    def _nearest(self, labels: np.ndarray) -> np.ndarray:
+        from wsseg.data.transforms import resize_labels
+
+        size = scaled_size(labels.shape[:2], self.max_side)
+        return labels if size == labels.shape[:2] else resize_labels(labels, size)
+
+    def read_semantic(self, image_id: str) -> np.ndarray:
+        return self._nearest(self.dataset.read_semantic(image_id))
+
+    def read_instances(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, classes = self.dataset.read_instances(image_id)
+        ids = self._nearest(ids)
+        kept = np.unique(ids[(ids > 0) & (ids != 65535)])
+        if len(kept) < len(classes):  # an instance smaller than a pixel of the smaller image: renumber without gaps
+            renumber = np.zeros(65536, dtype=ids.dtype)
+            renumber[65535] = 65535
+            renumber[kept] = np.arange(1, len(kept) + 1)
+            ids, classes = renumber[ids], classes[kept - 1]
+        return ids, classes
+
+    def read_depth(self, image_id: str) -> np.ndarray:
+        return self._nearest(self.dataset.read_depth(image_id))

@@ -20,6 +20,7 @@ from wsseg.config import Config
 from wsseg.data.images import read_label_png, write_label_png
 from wsseg.data.coco import CocoDataset
 from wsseg.data.folder import FolderDataset
+from wsseg.data.reader import Downscaled
 from wsseg.data.voc import VOCDataset, read_id_list
 from wsseg.errors import UserError
 from wsseg.store import RunStore, atomic_path, read_json
@@ -27,8 +28,14 @@ from wsseg.store import RunStore, atomic_path, read_json
 # ---------------------------------------------------------------------------- dataset
 
 
-def open_dataset(config: Config) -> VOCDataset | FolderDataset | CocoDataset:
-    """The dataset reader of `data.format` (each format one module with the same interface)."""
+def open_dataset(config: Config) -> VOCDataset | FolderDataset | CocoDataset | Downscaled:
+    """The dataset reader of `data.format` (each format one module with the same interface), its images
+    brought down to `data.max_side` on read when that is set."""
+    dataset = _open_layout(config)
+    return Downscaled(dataset, config.data.max_side) if config.data.max_side > 0 else dataset
+
+
+def _open_layout(config: Config) -> VOCDataset | FolderDataset | CocoDataset:
     if config.data.format == "folder":
         return FolderDataset(config.data.root, config.data.classes, depth_dir=config.data.depth_dir)
     if config.data.format == "coco":
