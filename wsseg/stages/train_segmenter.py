@@ -45,11 +45,23 @@ def label_sources(config: Config) -> tuple[str, ...]:
     ground-truth mask for data.segmenter_train_list (a new domain) is the pseudo labels alone."""
     if config.segmenter.labels != "both":
         return (config.segmenter.labels,)
-    dataset = artifacts.open_dataset(config)
-    if not artifacts.has_any_ground_truth(dataset, artifacts.image_ids(config, "data.segmenter_train_list")):
-        artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.segmenter_train_list"))  # says it, once
+    data = config.data
+    if not _has_ground_truth(config, (data.format, str(Path(data.root).resolve()), data.segmenter_train_list, data.max_side)):
         return ("pseudo",)
     return ("pseudo", "gt")
+
+
+_GROUND_TRUTH: dict[tuple, bool] = {}  # per dataset and list, for the life of the process (inspect asks per image)
+
+
+def _has_ground_truth(config: Config, key: tuple) -> bool:
+    if key not in _GROUND_TRUTH:
+        dataset = artifacts.open_dataset(config)
+        ids = artifacts.image_ids(config, "data.segmenter_train_list")
+        _GROUND_TRUTH[key] = artifacts.has_any_ground_truth(dataset, ids)
+        if not _GROUND_TRUTH[key]:
+            artifacts.ids_with_ground_truth(dataset, ids)  # says it, once
+    return _GROUND_TRUTH[key]
 
 
 def folder_of(store: RunStore, config: Config, source: str) -> Path:
