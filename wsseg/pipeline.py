@@ -140,6 +140,7 @@ class StageState:
     items: str = ""
     seconds: float | None = None
     headline: str = ""
+    runs: int = 1  # processes the time was spent in (an interrupted and resumed stage: 2 or more)
 
 
 def _stale_reason(record: dict, stage: Stage, config: Config, store: RunStore) -> str:
@@ -165,6 +166,7 @@ def stage_state(stage: Stage, config: Config, store: RunStore, cache: dict | Non
     if record is None:
         return state
     state.seconds = record.get("seconds")
+    state.runs = len(record.get("runs", [])) or 1
     current = record.get("fingerprint") == fingerprint(stage, config, cache) and all(
         _need_unchanged(record, need, config, store) for need in active_needs(stage, config))
     if not current:
@@ -255,7 +257,7 @@ def run_stage(stage: Stage, config: Config, *, force: bool = False, dist: Distri
                 store.clear(output)
         for output in outputs:
             remove_temporaries(store.folder(output))
-        previous_seconds = float(record.get("seconds", 0.0)) if resuming and record else 0.0
+        runs = interrupted_runs(record, store, outputs) if resuming and record else []
         record = {
             "stage": stage.name,
             "version": stage.version,
@@ -264,8 +266,10 @@ def run_stage(stage: Stage, config: Config, *, force: bool = False, dist: Distri
             "inputs": stage_inputs(stage, config),
             "needs": upstream_tokens,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "started_at": time.time(),
             "host": socket.gethostname(),
-            "seconds": previous_seconds,
+            "seconds": round(sum(run["seconds"] for run in runs), 2),
+            "runs": runs,
             "config": config.to_dict(),
         }
         store.write_record(outputs[0], record)
@@ -280,10 +284,12 @@ def run_stage(stage: Stage, config: Config, *, force: bool = False, dist: Distri
     elapsed = time.monotonic() - start
     if dist.is_main:
         record = store.record(outputs[0]) or record
+        runs = [*record.get("runs", []), {"started": record.get("started"), "seconds": round(elapsed, 2)}]
         record.update(
             status="complete",
             finished=time.strftime("%Y-%m-%d %H:%M:%S"),
-            seconds=round(float(record.get("seconds", 0.0)) + elapsed, 2),
+            seconds=round(sum(run["seconds"] for run in runs), 2),
+            runs=runs,
             metrics=metrics.get("metrics", metrics),
             token=secrets.token_hex(8),
         )
@@ -294,6 +300,24 @@ def run_stage(stage: Stage, config: Config, *, force: bool = False, dist: Distri
         log.info("%s: done in %.1fs", stage.name, elapsed)
     dist.barrier()
     return store.record(outputs[0]) or record
+
+
+def interrupted_runs(record: dict, store: RunStore, outputs: tuple[str, ...]) -> list[dict]:
+    """The runs of a stage so far, when it resumes: those its record kept, and the interrupted one,
+    which could not write its time before it was stopped. That one lasted from its start to the last
+    file it wrote in the stage's folders (a checkpoint, a finished item, the record): the closest
+    measure a killed process leaves behind."""
+    runs = list(record.get("runs", []))
+    started = record.get("started_at")
+    if started is None:
+        return runs
+    last = started
+    for output in outputs:
+        folder = store.folder(output)
+        if folder.exists():
+            last = max([last, *(path.stat().st_mtime for path in folder.rglob("*") if path.is_file())])
+    runs.append({"started": record.get("started"), "seconds": round(max(0.0, last - float(started)), 2), "interrupted": True})
+    return runs
 
 
 def stages_between(start: str | None, stop: str | None) -> list[Stage]:
@@ -333,7 +357,7 @@ def format_status(states: list[StageState]) -> str:
     rows = [("stage", "state", "items", "time", "headline")]
     for s in states:
         state = s.state + (f" ({s.reason})" if s.reason else "")
-        seconds = "" if s.seconds is None else _format_seconds(s.seconds)
+        seconds = "" if s.seconds is None else _format_seconds(s.seconds) + (f" ({s.runs} runs)" if s.runs > 1 else "")
         rows.append((s.name, state, s.items, seconds, s.headline))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

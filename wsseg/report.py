@@ -18,7 +18,8 @@ def quality_rows(config: Config) -> list[tuple[str, str, str]]:
         if not record:
             continue
         seconds = record.get("seconds")
-        time = "-" if seconds is None else f"{seconds:.0f}s"
+        runs = len(record.get("runs", []))
+        time = "-" if seconds is None else f"{seconds:.0f}s" + (f" ({runs} runs)" if runs > 1 else "")
         quality = stage.quality(record.get("metrics") or {}) if stage.quality else ""
         if record.get("status") != "complete":
             quality = f"(incomplete) {quality}"

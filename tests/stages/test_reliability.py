@@ -241,7 +241,13 @@ def test_every_stage_killed_mid_run_resumes_to_the_uninterrupted_result(labels_r
     record = RunStore(killed).record(stage.record_folder(config))
     assert record is not None and record["status"] == "running"  # it really was interrupted
     pipeline.run_stage(stage, config)
-    assert RunStore(killed).record(stage.record_folder(config))["status"] == "complete"
+    done = RunStore(killed).record(stage.record_folder(config))
+    assert done["status"] == "complete"
+    # the time spent in both processes: the killed one's up to its last file, then the resumed one's
+    assert len(done["runs"]) == 2 and done["runs"][0]["interrupted"] and done["runs"][0]["seconds"] > 0
+    assert done["seconds"] == pytest.approx(sum(run["seconds"] for run in done["runs"]), abs=0.02)
+    status = pipeline.format_status(pipeline.status(config))
+    assert " runs)" in next(line for line in status.splitlines() if line.startswith(stage.name + " "))
     expected = sorted(p.relative_to(reference) for p in reference.glob(compared))
     assert expected and sorted(p.relative_to(killed) for p in killed.glob(compared)) == expected
     for relative in expected:
