@@ -447,3 +447,27 @@ def test_pq_rejects_unknown_category():
         panoptic_quality([pair], 2, [1], [0])
     with pytest.raises(ValueError, match="both"):
         panoptic_quality([], 2, [0, 1], [0])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ap_of_id_maps_equals_ap_of_their_mask_stacks(seed):
+    """The id-map path (one joint histogram, O(H·W) memory) gives exactly the stacks' numbers, void
+    pixels and absent ids included."""
+    from wsseg.metrics import _mask_stack
+
+    rng = np.random.default_rng(seed)
+    predictions, truths, stacked_predictions, stacked_truths = [], [], [], []
+    for _ in range(3):
+        m, g = int(rng.integers(0, 6)), int(rng.integers(0, 5))
+        pred = rng.integers(0, m + 2, (24, 30)).astype(np.int64)  # id m + 1 is not an instance
+        gt = rng.integers(0, g + 1, (24, 30)).astype(np.int64)
+        void = rng.random((24, 30)) < 0.1
+        pred_classes, gt_classes = rng.integers(1, 4, m), rng.integers(1, 4, g)
+        scores = rng.random(m)
+        predictions.append((pred, pred_classes, scores))
+        truths.append((gt, gt_classes, void))
+        stacked_predictions.append((_mask_stack(pred, m, "p"), pred_classes, scores))
+        stacked_truths.append((_mask_stack(gt, g, "g"), gt_classes, void))
+    fast = instance_average_precision(predictions, truths, 4, iou_thresholds=(0.5, 0.75))
+    slow = instance_average_precision(stacked_predictions, stacked_truths, 4, iou_thresholds=(0.5, 0.75))
+    assert fast == slow
