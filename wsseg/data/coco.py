@@ -37,10 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from wsseg.data.images import read_image
-from wsseg.data.reader import DepthMaps, header_size
+from wsseg.data.reader import VOID_INSTANCE, DepthMaps, header_size, without_gaps
 from wsseg.errors import UserError
-
-VOID_INSTANCE = 65535
 
 # COCO 2014/2017's 80 object categories: (category id, name), in id order.
 COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -240,7 +238,6 @@ class CocoDataset(DepthMaps):
         height, width = self.image_size(image_id)
         api = mask_api()
         objects = []
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")  # numpy 2's __array__ note
         for annotation in parsed.annotations.get(image_id, ()):
             segmentation = annotation["segmentation"]
             try:
@@ -251,7 +248,9 @@ class CocoDataset(DepthMaps):
                 else:  # compressed RLE
                     rle = dict(segmentation, counts=segmentation["counts"].encode() if isinstance(segmentation["counts"], str)
                                else segmentation["counts"])
-                mask = np.zeros((height, width), bool) if rle is None else api.decode(rle).astype(bool)
+                with warnings.catch_warnings():  # pycocotools' note about numpy 2's __array__, once per object
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    mask = np.zeros((height, width), bool) if rle is None else api.decode(rle).astype(bool)
             except (TypeError, ValueError, KeyError, AttributeError) as error:
                 raise UserError(f"{parsed.path}: the segmentation of an object of image {image_id} cannot be read "
                                 f"({type(error).__name__}: {error}); fix it") from None
@@ -292,11 +291,4 @@ class CocoDataset(DepthMaps):
             else:
                 classes.append(cls)
                 ids[mask] = len(classes)
-        kept = np.unique(ids[(ids > 0) & (ids != VOID_INSTANCE)])
-        if len(kept) < len(classes):  # an object wholly covered by smaller ones on top: renumber without gaps
-            renumber = np.zeros(VOID_INSTANCE + 1, dtype=np.uint16)
-            renumber[VOID_INSTANCE] = VOID_INSTANCE
-            renumber[kept] = np.arange(1, len(kept) + 1, dtype=np.uint16)
-            ids = renumber[ids]
-            classes = [classes[k - 1] for k in kept]
-        return ids, np.array(classes, dtype=np.int64)
+        return without_gaps(ids, np.array(classes, dtype=np.int64))  # an object wholly under smaller ones is gone

@@ -1048,27 +1048,24 @@ def _coco_objects(scene: DemoScene, image_number: int, first_id: int, names: Seq
 
     api = mask_api()
 
-    def rle(mask: np.ndarray) -> dict:
-        encoded = api.encode(np.asfortranarray(mask.astype(np.uint8)))
-        return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+    annotations: list[dict] = []
 
-    annotations = []
+    def add(mask: np.ndarray, category_id: int, crowd: bool) -> None:
+        encoded = api.encode(np.asfortranarray(mask.astype(np.uint8)))
+        ys, xs = np.nonzero(mask)
+        annotations.append({"id": first_id + len(annotations), "image_id": image_number, "category_id": category_id,
+                            "segmentation": {"size": [int(v) for v in encoded["size"]],
+                                             "counts": encoded["counts"].decode("ascii")},
+                            "area": int(mask.sum()), "iscrowd": int(crowd),
+                            "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]})
+
     for obj in scene.objects:
         mask = scene.object_map == obj.index
-        if not mask.any():
-            continue
-        ys, xs = np.nonzero(mask)
-        annotations.append({"id": first_id + len(annotations), "image_id": image_number,
-                            "category_id": coco_category_id(names.index(obj.name)), "segmentation": rle(mask),
-                            "area": int(mask.sum()), "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-                                                              int(ys.max() - ys.min() + 1)], "iscrowd": 0})
+        if mask.any():
+            add(mask, coco_category_id(names.index(obj.name)), crowd=False)
     void = scene.object_map == 255
     if void.any() and annotations:
-        ys, xs = np.nonzero(void)
-        annotations.append({"id": first_id + len(annotations), "image_id": image_number,
-                            "category_id": annotations[0]["category_id"], "segmentation": rle(void),
-                            "area": int(void.sum()), "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-                                                              int(ys.max() - ys.min() + 1)], "iscrowd": 1})
+        add(void, annotations[0]["category_id"], crowd=True)
     return annotations
 
 

@@ -50,6 +50,21 @@ class DepthMaps:
         return read_depth_png(path)
 
 
+VOID_INSTANCE = 65535  # instance id of void pixels in every reader's instance maps
+
+
+def without_gaps(ids: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An instance map (uint16: 1..M instances, 65535 void) and its classes (M,), renumbered 1..K over
+    the K instances that still have pixels (in their order), when some have none."""
+    kept = np.unique(ids[(ids > 0) & (ids != VOID_INSTANCE)])
+    if len(kept) == len(classes):
+        return ids, classes
+    renumber = np.zeros(VOID_INSTANCE + 1, dtype=np.uint16)
+    renumber[VOID_INSTANCE] = VOID_INSTANCE
+    renumber[kept] = np.arange(1, len(kept) + 1, dtype=np.uint16)
+    return renumber[ids], classes[kept.astype(np.int64) - 1]
+
+
 def scaled_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     """(H, W) with the long side brought down to `max_side` (aspect kept, rounded); unchanged when it fits."""
     height, width = size
@@ -97,14 +112,7 @@ class Downscaled:
 
     def read_instances(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         ids, classes = self.dataset.read_instances(image_id)
-        ids = self._nearest(ids)
-        kept = np.unique(ids[(ids > 0) & (ids != 65535)])
-        if len(kept) < len(classes):  # an instance smaller than a pixel of the smaller image: renumber without gaps
-            renumber = np.zeros(65536, dtype=ids.dtype)
-            renumber[65535] = 65535
-            renumber[kept] = np.arange(1, len(kept) + 1)
-            ids, classes = renumber[ids], classes[kept - 1]
-        return ids, classes
+        return without_gaps(self._nearest(ids), classes)  # an instance below one pixel of the smaller image is gone
 
     def read_depth(self, image_id: str) -> np.ndarray:
         return self._nearest(self.dataset.read_depth(image_id))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from wsseg.data.images import read_image, read_label_png
-from wsseg.data.reader import DepthMaps, header_size
+from wsseg.data.reader import VOID_INSTANCE, DepthMaps, header_size  # VOID_INSTANCE: VOC's 255 outlines in instance maps
 from wsseg.errors import UserError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -37,7 +37,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
-VOID_INSTANCE = 65535  # instance id of void pixels (VOC marks object boundaries 255)
 
 # Where the lists that VOC 2012 itself does not ship come from.
 _LIST_ORIGINS = {
