@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,coco]"
+	$(PY) -m pip install --quiet -e ".[test,coco,plots,tensorboard]"
 	touch $(STAMP)
 
 $(DEMO_DATA)/ImageSets/Segmentation/val.txt: | $(STAMP)

@@ -128,6 +128,9 @@ class RunSection:
     channels_last: bool = key(True, "channels_last memory format for make-cam's inference network on CUDA (on CPU it always "
                                              "uses it); training stays contiguous, measured faster on CUDA for the "
                                              "ResNet-50 CAM and IRN networks (docs/BENCHMARKS.md, CUDA)")
+    tensorboard: typing.Optional[bool] = key(None, "training stages write TensorBoard event files under RUN/tb/<stage>/<phase> "
+                                                   "(`tensorboard --logdir RUN/tb`); null: on when the tensorboard package "
+                                                   "is installed (pip install 'wsseg[tensorboard]')")
 
 
 @dataclass(frozen=True)
@@ -572,7 +575,31 @@ def load_config(paths: typing.Sequence[str | Path] = (), overrides: typing.Seque
     for text in overrides:
         section, name, value = parse_override(text)
         _merge(merged, {section: {name: value}}, f"--set {text}")
+    return _build(merged, tuple(str(p) for p in paths))
 
+
+def config_of_run(run_dir: str | Path) -> Config:
+    """The config a run directory was made with: the one its most recently finished stage recorded
+    (each stage.json keeps the whole config), checked like a config file."""
+    from wsseg.store import read_json
+
+    run_dir = Path(run_dir)
+    records = [r for r in (read_json(p) for p in sorted(run_dir.glob("*/stage.json")) + sorted(run_dir.glob("*/*/stage.json")))
+               if isinstance(r, dict) and isinstance(r.get("config"), dict)]
+    if not records:
+        raise UserError(f"{run_dir}: not a wsseg run directory (no stage.json with a config in it); "
+                        f"give a run directory or a config file")
+    latest = max(records, key=lambda r: (r.get("status") == "complete", r.get("finished") or r.get("started") or ""))
+    merged: dict[str, dict[str, tuple[Any, str]]] = {}
+    origin = f"{run_dir} (the config its {latest.get('stage', 'stage')} recorded)"
+    recorded = {k: dict(v) for k, v in latest["config"].items() if k in SECTIONS and isinstance(v, dict)}
+    recorded.setdefault("run", {})["dir"] = str(run_dir)  # where the run is now (it may have moved)
+    _merge(merged, recorded, origin)
+    return _build(merged, (origin,))
+
+
+def _build(merged: dict[str, dict[str, tuple[Any, str]]], sources: tuple[str, ...]) -> Config:
+    """A checked Config from merged (value, origin) entries per section."""
     sections = {}
     for name in SECTIONS:
         entries = merged.get(name, {})
@@ -582,7 +609,7 @@ def load_config(paths: typing.Sequence[str | Path] = (), overrides: typing.Seque
             _build_section(name, {k: v}, origin)
             values[k] = v
         sections[name] = _build_section(name, values, "config")
-    config = _resolve(Config(**sections, sources=tuple(str(p) for p in paths)))
+    config = _resolve(Config(**sections, sources=sources))
     _check_consistency(config)
     return config
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from wsseg.context import StageContext
 from wsseg.errors import RunFailure, UserError
 from wsseg.checkpoints import load_checkpoint, save_checkpoint
+from wsseg.steplog import CURVES_FOLDER, StepLog, phase_slug, tensorboard_on
 
 LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 
@@ -110,6 +111,7 @@ def make_loader(ctx: StageContext, dataset: Dataset, batch_size: int, *, seed: i
 @dataclass
 class TrainResult:
     curves: dict[str, list[float]] = field(default_factory=dict)  # per-epoch mean of each loss term
+    log: dict = field(default_factory=dict)  # the per-step log (wsseg.steplog.StepLog.state())
     steps: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -132,13 +134,16 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
     `warmup_steps`: a linear ramp of every lr over the first steps. `after_epoch(model, epoch)`
     runs after each epoch (epoch counted from 1) and returns extra curve values (e.g. a
     validation score), appended to the curves and kept in the checkpoint like the losses.
+    Every step's loss terms, learning rate (the first parameter group's) and images/s go to the
+    phase's step log (`<checkpoint folder>/curves/<phase>.json`, and TensorBoard under
+    RUN/tb/<stage>/<phase> when `run.tensorboard` is on), kept in the checkpoint like the curves.
     Returns the loss curves; the model's weights are trained in place.
     """
     loader = make_loader(ctx, dataset, batch_size, seed=seed)
     steps_per_epoch = len(loader)
-    max_steps = epochs * steps_per_epoch
     result = TrainResult()
     start_epoch = 0
+    logged: dict | None = None
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, "training checkpoint")
         if state.get("phase") == phase:
@@ -146,6 +151,7 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
             optimizer.load_state_dict(state["optimizer"])
             start_epoch = int(state["epoch"])
             result.curves = {k: list(v) for k, v in state["curves"].items()}
+            logged = state.get("log")
             ctx.log.info("%s: resuming %s from epoch %d/%d", ctx.name, phase, start_epoch, epochs)
     model.to(ctx.device)
     trained: nn.Module = model
@@ -155,6 +161,32 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
         # (dilated-context's front-end stage); DDP must then look for them.
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=ids, find_unused_parameters=getattr(model, "find_unused_parameters", False))
+    log = None
+    if ctx.dist.is_main:
+        slug = phase_slug(phase)
+        board = ctx.store.folder("tb") / ctx.name / slug if tensorboard_on(ctx.config.run.tensorboard) else None
+        log = StepLog(checkpoint.parent / CURVES_FOLDER / f"{slug}.json", phase, ctx.name, state=logged,
+                      tensorboard=board, start_step=start_epoch * steps_per_epoch)
+    try:
+        _epochs(ctx, result, log, trained=trained, model=model, optimizer=optimizer, loader=loader, dataset=dataset,
+                batch_size=batch_size, start_epoch=start_epoch, epochs=epochs, loss_fn=loss_fn, checkpoint=checkpoint,
+                after_step=after_step, phase=phase, lr_power=lr_power, warmup_steps=warmup_steps,
+                after_epoch=after_epoch)
+    finally:
+        if log is not None:
+            log.close()
+    if log is not None:
+        result.log = log.state()
+    return result
+
+
+def _epochs(ctx: StageContext, result: TrainResult, log: StepLog | None, *, trained: nn.Module, model: nn.Module,
+            optimizer: torch.optim.Optimizer, loader: DataLoader, dataset: Dataset, batch_size: int, start_epoch: int,
+            epochs: int, loss_fn: LossFn, checkpoint: Path, after_step, phase: str, lr_power: float,
+            warmup_steps: int, after_epoch) -> None:
+    """train()'s loop over the epochs left, filling `result` and `log`."""
+    steps_per_epoch = len(loader)
+    max_steps = epochs * steps_per_epoch
     amp_dtype = ctx.amp_dtype
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     began = time.monotonic()
@@ -167,6 +199,7 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
         sums: dict[str, float] = {}
         count = 0
         bar = ctx.progress(total=steps_per_epoch, desc=f"{ctx.name} {phase} epoch {epoch + 1}/{epochs}")
+        last = time.monotonic()
         for index, batch in enumerate(loader):
             step = epoch * steps_per_epoch + index
             set_poly_lr(optimizer, step, max_steps, lr_power, warmup_steps)
@@ -186,15 +219,24 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
             scaler.update()
             if after_step is not None:
                 after_step(trained, batch, step, max_steps)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            values = {name: float(value.detach()) for name, value in terms.items()}
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
             count += 1
             images += batch_size
+            now = time.monotonic()
+            if log is not None:  # this process's batch; images/s of the whole job (all processes)
+                log.add_step(step, {**values, "lr": optimizer.param_groups[0]["lr"],
+                                    "images_per_second": batch_size / max(now - last, 1e-9)})
+            last = now
             bar.update(1, postfix=f"loss {float(total.detach()):.4f}")
         bar.close()
         means = {name: _global_mean(ctx, value / max(count, 1)) for name, value in sums.items()}
         if after_epoch is not None:
-            means.update(after_epoch(model, epoch + 1))
+            measured = after_epoch(model, epoch + 1)
+            means.update(measured)
+            if log is not None:
+                log.add_epoch((epoch + 1) * steps_per_epoch - 1, measured)
             trained.train()
         for name, value in means.items():
             result.curves.setdefault(name, []).append(round(value, 6))
@@ -202,12 +244,14 @@ def train(ctx: StageContext, *, model: nn.Module, optimizer: torch.optim.Optimiz
                      " ".join(f"{k} {v:.4f}" for k, v in means.items()))
         if ctx.dist.is_main:
             save_checkpoint(checkpoint, {"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "curves": result.curves})
+                                    "optimizer": optimizer.state_dict(), "curves": result.curves,
+                                    "log": log.state() if log is not None else None})
+            if log is not None:
+                log.flush()
         ctx.dist.barrier()
     result.steps = max_steps
     result.seconds = time.monotonic() - began
     result.images_per_second = images / result.seconds if result.seconds > 0 and images else 0.0
-    return result
 
 
 def _global_mean(ctx: StageContext, value: float) -> float:
