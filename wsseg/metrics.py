@@ -537,3 +537,11 @@ def classification_average_precision(scores: np.ndarray, targets: np.ndarray) ->
         per_class.append(_average_precision(targets[order, k], positives))
     valid = [v for v in per_class if v is not None]
     return {"map": float(np.mean(valid)) if valid else None, "per_class_ap": per_class}
+
+
+def panoptic_headline(result: dict[str, Any]) -> dict[str, Any]:
+    """What a stage's record keeps of panoptic_quality()'s result: PQ, SQ, RQ, PQ of things and of
+    stuff, and PQ per category that occurs (the gallery's per-class bars)."""
+    return {"pq": result["pq"], "sq": result["sq"], "rq": result["rq"], "pq_things": result["things"]["pq"],
+            "pq_stuff": result["stuff"]["pq"],
+            "per_class_pq": {name: values["pq"] for name, values in result["per_class"].items()}}

@@ -31,6 +31,19 @@ def test_relations_are_class_background_or_unsure(labels_run):
         assert values - {0, 255} <= present  # only the image's own classes
     metrics = store.record("relations")["metrics"]
     assert 0 < metrics["coverage"] <= 1 and 0 < metrics["precision"] <= 1
+    # per class (the gallery's bars), against a count made here: background's is bg_precision
+    assert metrics["per_class_precision"]["background"] == metrics["bg_precision"]
+    name = labels_run.data.classes[0]
+    given = right = truth_pixels = covered = 0
+    for image_id in artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(labels_run, "data.eval_list")):
+        relations, truth = artifacts.read_labels(relation_path(store, image_id)), dataset.read_semantic(image_id)
+        sure = (relations != 255) & (truth != 255)
+        given += int((sure & (relations == 1)).sum())
+        right += int((sure & (relations == 1) & (truth == 1)).sum())
+        truth_pixels += int((truth == 1).sum())
+        covered += int((sure & (truth == 1)).sum())
+    assert metrics["per_class_precision"][name] == round(right / given, 4)
+    assert metrics["per_class_coverage"][name] == round(covered / truth_pixels, 4)
 
 
 def test_confident_relations_beat_background_on_the_pixels_they_claim(labels_run):

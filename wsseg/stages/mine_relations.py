@@ -102,9 +102,14 @@ def evaluate(config: Config, store: RunStore, progress=None, folder: str = "rela
            if path(i).exists()]
     if not ids:
         return {"evaluated_images": 0}
+    names = ["background", *config.data.classes]
     correct = confident = labelled = 0
     fg = {"correct": 0, "confident": 0}
     bg = {"correct": 0, "confident": 0}
+    classes = len(config.data.classes) + 1
+    # per class: confident pixels given the class, the right ones among them, and its ground-truth
+    # pixels with any confident label (the class's precision and coverage)
+    per_class = {key: np.zeros(classes, np.int64) for key in ("given", "right", "truth", "covered")}
     for image_id in (progress(ids, desc="mine-relations: evaluating" if folder == "relations"
                                             else "train-amn: evaluating its labels") if progress else ids):
         relations = artifacts.read_labels(path(image_id))
@@ -120,6 +125,9 @@ def evaluate(config: Config, store: RunStore, progress=None, folder: str = "rela
         for part, mask in ((fg, relations > 0), (bg, relations == 0)):
             part["confident"] += int((sure & mask).sum())
             part["correct"] += int((right & mask).sum())
+        for key, values in (("given", relations[sure]), ("right", relations[right]), ("truth", truth[valid]),
+                            ("covered", truth[sure])):
+            per_class[key] += np.bincount(values.astype(np.int64), minlength=classes)[:classes]
 
     def ratio(a: int, b: int) -> float | None:
         return round(a / b, 4) if b else None
@@ -130,6 +138,10 @@ def evaluate(config: Config, store: RunStore, progress=None, folder: str = "rela
         "coverage": ratio(confident, labelled),
         "fg_precision": ratio(fg["correct"], fg["confident"]),
         "bg_precision": ratio(bg["correct"], bg["confident"]),
+        "per_class_precision": {name: ratio(int(per_class["right"][c]), int(per_class["given"][c]))
+                                for c, name in enumerate(names) if per_class["truth"][c] or per_class["given"][c]},
+        "per_class_coverage": {name: ratio(int(per_class["covered"][c]), int(per_class["truth"][c]))
+                               for c, name in enumerate(names) if per_class["truth"][c]},
     }
 
 

@@ -18,7 +18,7 @@ from wsseg.class_ids import IGNORE
 from wsseg.data.images import write_rgb_png
 from wsseg.data.voc import VOCDataset
 from wsseg.errors import UserError
-from wsseg.metrics import panoptic_quality
+from wsseg.metrics import panoptic_headline, panoptic_quality
 from wsseg.ops.panoptic import encode_ids, panoptic_from_instances
 from wsseg.stages.artifacts import read_panoptic
 from wsseg.store import RunStore, atomic_path, write_json
@@ -105,8 +105,7 @@ def evaluate_panoptic(model, dataset: VOCDataset, ids: list[str], device: torch.
         return {}
     result = panoptic_quality(pairs, num_classes, thing_classes=list(range(1, num_classes)), stuff_classes=[0],
                               class_names=class_names)
-    return {"pq": result["pq"], "sq": result["sq"], "rq": result["rq"], "pq_things": result["things"]["pq"],
-            "pq_stuff": result["stuff"]["pq"], "panoptic_images": len(pairs)}
+    return {**panoptic_headline(result), "panoptic_images": len(pairs)}
 
 
 def write_panoptic(folder: Path, image_id: str, segments: np.ndarray, info: list[dict]) -> None:

@@ -22,7 +22,7 @@ from wsseg.config import Config
 from wsseg.context import StageContext
 from wsseg.data.images import write_rgb_png
 from wsseg.data.transforms import normalize
-from wsseg.metrics import ConfusionMatrix, instance_average_precision, panoptic_quality
+from wsseg.metrics import ConfusionMatrix, instance_average_precision, panoptic_headline, panoptic_quality
 from wsseg.models.irn import boundary_inference
 from wsseg.ops.instances import centroid_groups, instance_seeds, instances_from_walk
 from wsseg.ops.panoptic import encode_ids, panoptic_from_instances
@@ -297,8 +297,7 @@ def evaluate_panoptic(config: Config, store: RunStore, progress=None) -> dict:
     num_classes = len(config.data.classes) + 1
     result = panoptic_quality(pairs, num_classes, thing_classes=list(range(1, num_classes)), stuff_classes=[0],
                               class_names=["background", *config.data.classes])
-    return {"pq": result["pq"], "sq": result["sq"], "rq": result["rq"], "pq_things": result["things"]["pq"],
-            "pq_stuff": result["stuff"]["pq"], "panoptic_evaluated_images": len(pairs)}
+    return {**panoptic_headline(result), "panoptic_evaluated_images": len(pairs)}
 
 
 def evaluate(config: Config, store: RunStore, progress=None) -> dict:
