@@ -281,16 +281,21 @@ def eval_command(config, which: str) -> None:
 @click.option("--worst", type=click.IntRange(min=1), default=None, help="Pick the K images whose labels disagree most with the ground truth.")
 @click.option("--compare", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="An overlay (e.g. RUN/calibration/calibrated.yaml): add the labels recomputed under it, side by side.")
-def inspect_command(config, image_ids: tuple[str, ...], out: Path | None, worst: int | None, compare: Path | None) -> None:
-    """PNG panels of every stage's cached output per image, and an index.html gallery."""
-    from wsseg.config import apply_overlay
+@click.option("--against", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A second run (its run directory, or its config file): its table, curves and per-class bars beside this run's.")
+def inspect_command(config, image_ids: tuple[str, ...], out: Path | None, worst: int | None, compare: Path | None,
+                    against: Path | None) -> None:
+    """PNG panels of every stage's cached output per image, the run's curves, per-class bars and
+    sweeps, and an index.html gallery."""
+    from wsseg.config import apply_overlay, config_of_run, load_config
     from wsseg.context import Progress
     from wsseg.inspect import inspect
 
     out = out or Path(config.run.dir) / "inspect"
     other = apply_overlay(config, compare) if compare else None
+    second = None if against is None else config_of_run(against) if against.is_dir() else load_config([against])
     index = inspect(config, list(image_ids), out, worst=worst, progress=lambda items, desc: Progress(items, None, desc),
-                    compare=other)
+                    compare=other, against=second, log=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {index}")
 
 

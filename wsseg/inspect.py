@@ -1,9 +1,11 @@
 """`wsseg inspect`: one PNG panel per image showing what every finished stage produced,
-plus an index.html gallery with the stage metrics on top.
+plus an index.html gallery with the stage metrics on top, then the run section (training
+curves, per-class bars, sweeps: wsseg.run_view), then the per-image panels.
 
 Each stage contributes tiles from its cached artifacts through its `inspect_tiles(view)`
 (nothing is recomputed); a stage that has not run yet simply adds nothing. `--worst K`
-picks the K images whose labels disagree most with the ground truth.
+picks the K images whose labels disagree most with the ground truth. `--against` puts a second
+run's table and pictures beside this one's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsseg import pipeline, viz
+from wsseg import pipeline, plots, run_view, viz
 from wsseg.config import Config
 from wsseg.data.voc import VOCDataset
 from wsseg.metrics import ConfusionMatrix
@@ -113,13 +115,27 @@ def stage_metrics(config: Config, store: RunStore) -> dict[str, dict[str, float 
     return table
 
 
+def run_label(config: Config) -> str:
+    return Path(config.run.dir).name or str(config.run.dir)
+
+
 def inspect(config: Config, image_ids: list[str], out: Path, *, worst: int | None = None, progress=None,
-            compare: Config | None = None) -> Path:
-    """Write `<out>/<id>.png` panels and `<out>/index.html`; returns the index path.
+            compare: Config | None = None, against: Config | None = None, log=None) -> Path:
+    """Write `<out>/<id>.png` panels, the run section's pictures under `<out>/run/` and
+    `<out>/index.html`; returns the index path.
 
     `compare`: another config (the same run with an overlay such as calibrated.yaml): each
-    panel adds the labels recomputed under it, next to the cached ones."""
+    panel adds the labels recomputed under it, next to the cached ones. `against`: a second
+    run's config; its metrics and pictures go beside this run's. `log(line)` hears what the run
+    section could not draw (matplotlib missing)."""
     store = RunStore(Path(config.run.dir))
+    runs = [run_view.Run(run_label(config), config, store)]
+    if against is not None:
+        other = run_view.Run(run_label(against), against, RunStore(Path(against.run.dir)))
+        if other.label == runs[0].label:  # two runs of one name in different folders: A and B
+            runs = [run_view.Run(f"A {runs[0].label}", config, store), run_view.Run(f"B {other.label}", against, other.store)]
+        else:
+            runs.append(other)
     comparison = None
     if compare is not None:
         from wsseg.stages.train_irn import load_network
@@ -148,6 +164,19 @@ def inspect(config: Config, image_ids: list[str], out: Path, *, worst: int | Non
         viz.save_png(out / name, panel_for(view, comparison))
         score = disagreement(view)
         rows.append({"id": image_id, "panel": name, "note": "" if score is None else f"label mIoU vs ground truth {1 - score:.3f}"})
+    if plots.pyplot() is None:
+        if log:
+            log(plots.MISSING)
+        figures = []
+    else:
+        figures = run_view.run_figures(runs, out / "run")
+    metrics = stage_metrics(config, store)
+    if len(runs) > 1:  # each stage's row once per run, the runs' rows together
+        tables = [(run.label, stage_metrics(run.config, run.store)) for run in runs]
+        names = list(dict.fromkeys(name for _, table in tables for name in table))
+        metrics = {f"{name} ({label})": table[name] for name in names for label, table in tables if name in table}
+    title = f"wsseg inspect: {config.run.dir}" + (f" against {against.run.dir}" if against is not None else "")
     index = out / "index.html"
-    viz.write_gallery(index, f"wsseg inspect: {config.run.dir}", stage_metrics(config, store), rows)
+    viz.write_gallery(index, title, metrics, rows,
+                      figures=[{**f, "image": Path(f["image"]).relative_to(out)} for f in figures])
     return index

@@ -2,8 +2,8 @@
 
 Every drawing function is pure: numpy arrays in, an (H, W, 3) uint8 RGB array out.
 `save_png` and `write_gallery` are the only functions that touch the disk.
-Drawing uses numpy and PIL only (no matplotlib); text uses PIL's default font,
-scaled with FreeType when the installed Pillow has it.
+Drawing uses numpy and PIL only; text uses PIL's default font, scaled with FreeType when
+the installed Pillow has it. (The run section's plots are matplotlib's: wsseg.plots.)
 """
 
 from __future__ import annotations
@@ -377,14 +377,17 @@ def write_gallery(
     title: str,
     metrics: dict[str, dict[str, float | str]],
     rows: list[dict],
+    figures: Sequence[dict] = (),
 ) -> None:
-    """Write index.html: the title, a metrics table, then one row per image.
+    """Write index.html: the title, a metrics table, the run section, then one row per image.
 
     metrics: stage -> metric name -> value; one table row per stage, one column per metric
     name (blank where a stage lacks it). rows: dicts with "id" (str), "panel" (the panel
     PNG's path relative to the HTML file) and optionally "note" (str, e.g. "mIoU 0.42 vs
-    GT"). All text is HTML-escaped and paths URL-quoted. Plain HTML and CSS: opens from
-    disk in any browser.
+    GT"). figures: the run section's pictures, dicts with "title", "image" (path relative to
+    the HTML file) and optionally "caption", grouped under one heading per stage (the title's
+    part before " — "). All text is HTML-escaped and paths URL-quoted. Plain HTML and CSS:
+    opens from disk in any browser.
     """
     for index, row in enumerate(rows):
         missing = [key for key in ("id", "panel") if key not in row]
@@ -404,6 +407,7 @@ def write_gallery(
         f"<h1>{esc(title)}</h1>",
     ]
     lines.extend(_metrics_table(metrics))
+    lines.extend(_run_section(figures))
     lines.append(f'<p class="count">{len(rows)} image{"" if len(rows) == 1 else "s"}</p>')
     for row in rows:
         image_id = str(row["id"])
@@ -422,6 +426,30 @@ def write_gallery(
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
+def _run_section(figures: Sequence[dict]) -> list[str]:
+    """The gallery's run section: the pictures of each stage under its name."""
+    if not figures:
+        return []
+    esc = html.escape
+    lines = ['<section class="run">', "<h2>run</h2>"]
+    heading = None
+    for figure in figures:
+        title = str(figure["title"])
+        stage = title.split(" — ")[0]
+        if stage != heading:
+            if heading is not None:
+                lines.append("</div>")
+            lines.extend([f'<h3 class="stage">{esc(stage)}</h3>', '<div class="figures">'])
+            heading = stage
+        source = esc(quote(Path(figure["image"]).as_posix(), safe="/"))
+        caption = esc(title.split(" — ", 1)[-1]) + (f' <span class="caption">{esc(str(figure["caption"]))}</span>'
+                                                     if figure.get("caption") else "")
+        lines.append(f'<figure><a href="{source}"><img src="{source}" alt="{esc(title)}"></a>'
+                     f"<figcaption>{caption}</figcaption></figure>")
+    lines.extend(["</div>", "</section>"])
+    return lines
+
+
 _GALLERY_CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #111; background: #fafafa; }
 h1 { font-size: 1.4em; margin: 0 0 0.6em 0; }
@@ -433,6 +461,14 @@ p.count, p.empty { color: #555; }
 section.row { background: #fff; border: 1px solid #ddd; padding: 0.6em; margin-bottom: 1em; }
 h2.id { font-size: 1em; font-family: monospace; margin: 0 0 0.3em 0; }
 p.note { margin: 0 0 0.4em 0; color: #333; }
+section.run { margin-bottom: 1.5em; }
+section.run h2 { font-size: 1.2em; margin: 0.8em 0 0.3em 0; }
+h3.stage { font-size: 1em; font-family: monospace; margin: 0.8em 0 0.3em 0; }
+div.figures { display: flex; flex-wrap: wrap; gap: 0.6em; }
+div.figures figure { margin: 0; background: #fff; border: 1px solid #ddd; padding: 0.4em; }
+div.figures img { max-width: 900px; display: block; }
+figcaption { font-size: 0.85em; color: #333; margin-top: 0.3em; }
+span.caption { color: #666; }
 section.row img { max-width: 100%; height: auto; display: block; }
 """
 

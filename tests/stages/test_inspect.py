@@ -1,6 +1,7 @@
 """wsseg inspect on the tiny run: panels, the gallery, --worst, and the page as a browser renders it."""
 
 import shutil
+from pathlib import Path
 import subprocess
 
 import numpy as np
@@ -71,3 +72,76 @@ def test_the_labels_margin_is_drawn_from_its_file(labels_run, tmp_path):
                              f"data.classes={list(labels_run.data.classes)}"])
     without = synthesize_labels.inspect_tiles(ImageView(moved, RunStore(copy), dataset, image_id))
     assert len(with_margin) == len(without) + 1
+
+
+def _figures(out):
+    return {path.name: path for path in (out / "run").glob("*.png")}
+
+
+def test_the_run_section_draws_each_stage_s_curves_bars_and_sweep(labels_run, tmp_path):
+    """Above the per-image panels: every training stage's per-step curves, every evaluated stage's
+    per-class bars and make-cam's background-level sweep, each a real picture in index.html."""
+    ids = artifacts.image_ids(labels_run, "data.eval_list")[:1]
+    index = inspect(labels_run, ids, tmp_path / "inspect")
+    html = index.read_text()
+    figures = _figures(tmp_path / "inspect")
+    expected = ["train-cam-curves-0.png", "train-irn-curves-0.png", "make-cam-sweep.png", "make-cam-classes-iou.png",
+                "mine-relations-classes-precision.png", "mine-relations-classes-coverage.png",
+                "synthesize-labels-classes-iou.png", "synthesize-labels-classes-ap50.png", "synthesize-labels-classes-pq.png"]
+    for name in expected:
+        assert name in figures, sorted(figures)
+        assert f"run/{name}" in html
+        pixels = np.asarray(Image.open(figures[name]).convert("RGB")).astype(float)
+        assert pixels.shape[1] >= 400 and pixels.std() > 10  # axes, lines and text, not an empty canvas
+    assert html.index('<section class="run">') < html.index('<section class="row">')  # above the panels
+
+
+def test_the_step_logs_behind_the_curves_show_learning_and_load_in_tensorboard(labels_run):
+    """Each training stage logged every step (its loss falls from the first tenth of the steps to
+    the last) and wrote TensorBoard event files that tensorboard's own reader loads, step for step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from wsseg.steplog import read_logs
+
+    store = RunStore(labels_run.run.dir)
+    for stage, folder in (("train-cam", "cam"), ("train-irn", "irn")):
+        (log,) = read_logs(store.folder(folder))
+        total = log["series"]["total"]
+        tenth = max(1, len(total) // 10)
+        assert log["steps"] == list(range(len(total))) and len(total) >= 10
+        assert np.mean(total[-tenth:]) < np.mean(total[:tenth]), stage
+        events = EventAccumulator(str(store.folder("tb") / stage / "train"))
+        events.Reload()
+        logged = events.Scalars("loss/total")
+        assert [e.step for e in logged] == log["steps"]
+        assert [e.value for e in logged] == pytest.approx(total, rel=1e-4)
+        assert len(events.Scalars("lr")) == len(total)
+
+
+def test_against_puts_a_second_run_beside_the_first(labels_run, tmp_path):
+    """--against a run directory: both runs' rows in the table and both in each picture's series."""
+    from wsseg.config import config_of_run
+    from wsseg import run_view, pipeline
+
+    other = tmp_path / "other"
+    shutil.copytree(labels_run.run.dir, other)
+    against = config_of_run(other)
+    assert Path(against.run.dir) == other
+    ids = artifacts.image_ids(labels_run, "data.eval_list")[:1]
+    index = inspect(labels_run, ids, tmp_path / "inspect", against=against)
+    html = index.read_text()
+    label = Path(labels_run.run.dir).name
+    assert f"make-cam ({label})" in html and "make-cam (other)" in html
+    runs = [run_view.Run(label, labels_run, RunStore(labels_run.run.dir)), run_view.Run("other", against, RunStore(other))]
+    figures = run_view.stage_figures(runs, pipeline.stage_by_name("synthesize-labels"), tmp_path / "figures")
+    bars = next(f for f in figures if f["title"].endswith("per class IoU"))
+    assert bars["caption"] == f"{label}: semantic, other: semantic"
+
+
+def test_against_something_that_is_not_a_run_is_one_clear_line(tmp_path):
+    from test_cli import one_line_error, wsseg
+
+    (tmp_path / "empty").mkdir()
+    result = wsseg("inspect", "--config", "pipelines/demo.yaml", "--set", f"run.dir={tmp_path / 'run'}",
+                   "--against", tmp_path / "empty")
+    one_line_error(result, 2, "not a wsseg run directory", "empty")
