@@ -104,7 +104,6 @@ def stage_figures(runs: list[Run], stage, out: Path) -> list[dict]:
     if not records:
         return []
     figures = []
-    slug = stage.name
 
     # training curves: one picture per phase, the runs' logs of the same phase together
     phases: dict[str, list[tuple[str, dict]]] = {}
@@ -114,7 +113,7 @@ def stage_figures(runs: list[Run], stage, out: Path) -> list[dict]:
                 phases.setdefault(log.get("phase", "train"), []).append((run.label, log))
     for index, (phase, logs) in enumerate(phases.items()):
         steps = max(len(log["steps"]) for _, log in logs)
-        image = plots.training_curves(f"{stage.name}: {phase}", logs, out / f"{slug}-curves-{index}.png")
+        image = plots.training_curves(f"{stage.name}: {phase}", logs, out / f"{stage.name}-curves-{index}.png")
         if image:
             figures.append({"title": f"{stage.name} — training: {phase}", "image": image,
                             "caption": f"{steps} steps; faint: every step, solid: smoothed"})
@@ -127,7 +126,7 @@ def stage_figures(runs: list[Run], stage, out: Path) -> list[dict]:
                 tables.setdefault(measure, {})[_named(runs, label, run.label)] = values
     for measure, series in tables.items():
         name = MEASURES.get(measure, measure)
-        image = plots.class_bars(f"{stage.name}: per-class {name}", series, out / f"{slug}-classes-{measure}.png", name)
+        image = plots.class_bars(f"{stage.name}: per-class {name}", series, out / f"{stage.name}-classes-{measure}.png", name)
         if image:
             figures.append({"title": f"{stage.name} — per class {name}", "image": image, "caption": ", ".join(series)})
 
@@ -141,7 +140,7 @@ def stage_figures(runs: list[Run], stage, out: Path) -> list[dict]:
                 marks = found[1]
     if curves:
         image = plots.sweep(f"{stage.name}: mIoU against the background level", curves, marks,
-                            out / f"{slug}-sweep.png", "background level", "mIoU")
+                            out / f"{stage.name}-sweep.png", "background level", "mIoU")
         if image:
             figures.append({"title": f"{stage.name} — background-level sweep", "image": image,
                             "caption": "marked: " + ", ".join(f"{k} {v:g}" for k, v in marks.items())})
@@ -152,7 +151,7 @@ def stage_figures(runs: list[Run], stage, out: Path) -> list[dict]:
         for source, modes in mode_bars(record.get("metrics") or {}).items():
             groups[_named(runs, source, run.label)] = modes
     if groups:
-        image = plots.grouped_bars(f"{stage.name}: val mIoU per evaluation mode", groups, out / f"{slug}-modes.png", "val mIoU")
+        image = plots.grouped_bars(f"{stage.name}: val mIoU per evaluation mode", groups, out / f"{stage.name}-modes.png", "val mIoU")
         if image:
             figures.append({"title": f"{stage.name} — evaluation modes", "image": image,
                             "caption": "single scale, multi-scale + flip, and + CRF, per label source"})
@@ -191,9 +190,8 @@ def calibration_figures(runs: list[Run], out: Path) -> list[dict]:
 
 
 def run_figures(runs: list[Run], out: Path) -> list[dict]:
-    """Every stage's pictures in pipeline order, then calibrate's; `image` paths are under `out`."""
-    if plots.pyplot() is None:
-        return []
+    """Every stage's pictures in pipeline order, then calibrate's; `image` paths are under `out`
+    (the caller checks that matplotlib is there: plots.pyplot())."""
     figures = []
     for stage in pipeline.STAGES:
         figures.extend(stage_figures(runs, stage, out))
