@@ -58,11 +58,28 @@ def predict_folder(config: Config, images: Path, out: Path, *, source: str, mode
             failed[path.name] = (f"its depth map {depth / f'{path.stem}.png'} is {depth_map.shape[1]}x{depth_map.shape[0]}, "
                                  f"the image {image.shape[1]}x{image.shape[0]}")
             continue
-        labels, _ = predict_labels(model, image, device=device, mode=mode, scales=config.segmenter.test_scales,
-                                   window=config.segmenter.window or None, depth=depth_map)
+        labels = _predict(model, config, image, depth_map, device=device, mode=mode)
         artifacts.write_labels(out / f"{path.stem}.png", labels)
         if overlay:
             picture = viz.overlay(image, viz.label_colors(labels), 0.6, mask=labels > 0)
             with atomic_path(out / f"{path.stem}_overlay.png") as tmp:
                 viz.save_png(tmp, np.asarray(picture))
     return failed
+
+
+def _predict(model, config: Config, image: np.ndarray, depth_map: np.ndarray | None, *, device: torch.device,
+             mode: str) -> np.ndarray:
+    """The label map of one image at the file's size. A run that read its images at `data.max_side`
+    trained its model at that size, so the image (and its depth) is brought down to it the same way
+    the readers do, and the labels go back up to the file's size (nearest)."""
+    from wsseg.data.reader import scaled_size
+    from wsseg.data.transforms import resize_image, resize_labels
+
+    size = image.shape[:2]
+    small = scaled_size(size, config.data.max_side) if config.data.max_side > 0 else size
+    if small != size:
+        image = resize_image(image, small, "bicubic")
+        depth_map = None if depth_map is None else resize_labels(depth_map, small)
+    labels, _ = predict_labels(model, image, device=device, mode=mode, scales=config.segmenter.test_scales,
+                               window=config.segmenter.window or None, depth=depth_map)
+    return labels if small == size else resize_labels(labels, size)

@@ -1,6 +1,8 @@
 """train-segmenter on tiny real data: pseudo and ground-truth training, evaluation modes, predictions."""
 
+import numpy as np
 import pytest
+import torch
 
 from wsseg import pipeline
 from wsseg.errors import UserError
@@ -171,3 +173,30 @@ def test_lr_by_model_replaces_the_shared_rates_for_its_model_only(tmp_path):
                          ("{refinenet: {lr: -1}}", "positive number"), ("{refinet: {lr: 0.1}}", "refinet")):
         with pytest.raises(UserError, match=message):
             config(f"segmenter.lr_by_model={bad}")
+
+
+def test_predict_at_data_max_side_sees_the_image_as_training_did_and_answers_at_the_files_size(monkeypatch, tmp_path):
+    """A run that read its images at data.max_side trained at that size: predict brings a new image
+    down the same way (and its depth), and the labels go back to the file's size (nearest)."""
+    import wsseg.predict as predict
+    from wsseg.config import load_config
+    from wsseg.data.transforms import resize_labels
+
+    seen = {}
+
+    def fake_predict_labels(model, image, *, depth=None, **_):
+        seen["image"], seen["depth"] = image.shape[:2], None if depth is None else depth.shape
+        rows = np.arange(image.shape[0])[:, None] % 3 + np.arange(image.shape[1])[None, :] % 2
+        seen["labels"] = rows.astype(np.uint8)
+        return seen["labels"], None
+
+    monkeypatch.setattr(predict, "predict_labels", fake_predict_labels)
+    image, depth = np.zeros((30, 40, 3), np.uint8), np.ones((30, 40), np.uint16)
+    config = load_config(["pipelines/demo.yaml"], [f"run.dir={tmp_path}", "data.max_side=16"])
+    labels = predict._predict(None, config, image, depth, device=torch.device("cpu"), mode="single")
+    assert seen["image"] == (12, 16) and seen["depth"] == (12, 16)
+    assert labels.shape == (30, 40) and np.array_equal(labels, resize_labels(seen["labels"], (30, 40)))
+    # without max_side the image is used as it is
+    config = load_config(["pipelines/demo.yaml"], [f"run.dir={tmp_path}"])
+    assert predict._predict(None, config, image, None, device=torch.device("cpu"), mode="single").shape == (30, 40)
+    assert seen["image"] == (30, 40)
