@@ -179,16 +179,21 @@ def test_voc_export_reads_back_with_wsseg_voc_reader(run):
     out = run["tmp"] / "voc"
     images = run["tmp"] / "images"
     images.mkdir()
+    files = {image_id: f"{image_id}.{'png' if image_id == 'img_b' else 'jpg'}" for image_id in run["truth"]}
     for image_id, (ids, _, _) in run["truth"].items():
-        Image.fromarray(np.full((*ids.shape, 3), 7, np.uint8)).save(images / f"{image_id}.jpg")
+        Image.fromarray(np.full((*ids.shape, 3), 7, np.uint8)).save(images / files[image_id])
     summary = export_labels(run["dir"], out, "voc", image_ids=IDS, class_names=CLASSES, list_name="train_aug",
-                            image_root=images)
+                            image_root=images, image_files=files)
+    # a link keeps its image's suffix: a PNG is not linked as .jpg
+    assert (out / "JPEGImages" / "img_b.png").resolve() == (images / "img_b.png").resolve()
+    assert not (out / "JPEGImages" / "img_b.jpg").exists()
     assert summary["instances"] == 4 and summary["class_mismatches"] == 0
     assert (out / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split() == IDS
 
     dataset = VOCDataset(out, CLASSES)
     for image_id, (ids, classes, _) in run["truth"].items():
         assert dataset.image_size(image_id) == ids.shape
+        assert dataset.image_path(image_id).name == files[image_id]
         semantic = np.concatenate([[0], classes]).astype(np.uint8)[ids]
         assert np.array_equal(dataset.read_semantic(image_id), semantic)
         read_ids, read_classes = dataset.read_instances(image_id)

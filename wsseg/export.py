@@ -17,7 +17,9 @@ Three formats, one entry point (`export_labels`), behind `wsseg export`:
 - `voc`: `SegmentationClass/<id>.png` (palette, copied as is), `SegmentationObject/<id>.png`
   (palette PNG of instance indices 1..M, 0 background), `ImageSets/Segmentation/<list>.txt`
   and `JPEGImages/` (symlinks to the images when `image_root` is given), the layout the VOC
-  readers of wsseg, detectron2 and mmsegmentation take. VOC stores no class per instance:
+  readers of wsseg, detectron2 and mmsegmentation take. A link keeps its image's suffix
+  (`<id>.png` for a PNG): a PNG named .jpg would mislead every reader; wsseg's VOC reader finds
+  either, other tools need their image suffix set (mmsegmentation: `img_suffix`). VOC stores no class per instance:
   readers take the majority class of SegmentationClass under it. wsseg's instance and
   semantic labels come from two separate walks and may disagree; the summary counts the
   instances whose VOC-read class would differ from their own (`class_mismatches`). The
@@ -40,6 +42,7 @@ import numpy as np
 
 from wsseg.class_ids import BACKGROUND, IGNORE
 from wsseg.data.images import VOC_PALETTE, read_image, write_label_png, write_rgb_png
+from wsseg.data.voc import OTHER_IMAGE_SUFFIXES
 from wsseg.errors import UserError
 from wsseg.ops.panoptic import BACKGROUND_CATEGORY, decode_ids, encode_ids
 from wsseg.stages import artifacts
@@ -365,7 +368,9 @@ def _export_voc(source: _Source, ids: list[str], out: Path, min_score: float, li
         with atomic_path(out / "SegmentationObject" / f"{image_id}.png") as tmp:
             write_label_png(tmp, objects)
         if image_root is not None:
-            _link_image(Path(image_root) / source.file_name(image_id), out / "JPEGImages" / f"{image_id}.jpg")
+            target = Path(image_root) / source.file_name(image_id)
+            suffix = target.suffix.lower() if target.suffix.lower() in (".jpg", *OTHER_IMAGE_SUFFIXES) else ".jpg"
+            _link_image(target, out / "JPEGImages" / f"{image_id}{suffix}")
     list_path = out / "ImageSets" / "Segmentation" / f"{list_name}.txt"
     with atomic_path(list_path) as tmp:
         tmp.write_text("".join(f"{image_id}\n" for image_id in ids))

@@ -108,6 +108,9 @@ _NUMPY_GLOBALS = {
 }
 
 
+OTHER_IMAGE_SUFFIXES = (".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _NUMPY_GLOBALS:
@@ -175,7 +178,16 @@ class VOCDataset(DepthMaps):
     # ---- images
 
     def image_path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
+        """JPEGImages/<id>.jpg, VOC's own; a devkit made from PNG (or other) images, such as `wsseg export
+        --format voc` of a folder dataset, keeps each image's own suffix, found when no .jpg is there."""
+        path = self.root / "JPEGImages" / f"{image_id}.jpg"
+        if path.exists():
+            return path
+        for suffix in OTHER_IMAGE_SUFFIXES:
+            other = path.with_suffix(suffix)
+            if other.exists():
+                return other
+        return path  # the reader's error names the file VOC expects
 
     def read_image(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB."""
