@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/large_images.py                          # 1000, 2000, 4000 px; updates docs/BENCHMARKS.md
     .venv/bin/python benchmarks/large_images.py --sizes 1000 --no-docs
+    .venv/bin/python benchmarks/large_images.py --sizes 4000 --one-image --no-docs   # one 4000 x 3000-ish photo
 
 For each long side in `--sizes`, a demo dataset of 4 images at that size (3 train, 1 val;
 short side 0.7-1.0 of it: a 4000 px photo is about 4000 x 3000) goes through the stages up to
@@ -47,19 +48,31 @@ def run_stage(stage: str, sets: list[str]) -> tuple[int, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,2000,4000", help="long sides in pixels, comma-separated")
+    parser.add_argument("--one-image", action="store_true",
+                        help="every stage on the first training image only (peak memory is per image; time is a third)")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
     work = REPO / "runs" / "bench" / "large_images"
     load_before = load_average()
-    rows = []
+    rows, sizes_seen = [], []
     for size in [int(s) for s in args.sizes.split(",")]:
         data, run = work / f"data-{size}", work / f"run-{size}"
         if not (data / "ImageSets" / "Segmentation" / "val.txt").exists():
             subprocess.run([str(WSSEG), "demo-data", "--out", str(data), "--images", "4", "--size", str(size)], check=True,
                            cwd=REPO, stdout=subprocess.DEVNULL)
         shutil.rmtree(run, ignore_errors=True)
-        sets = [f"data.root={data}", "data.classes=[boat,crate,truck,ring,ball]", "data.train_list=train",
-                "data.label_list=train", "data.eval_list=train", "data.val_list=val", "data.segmenter_train_list=train",
+        train = "train"
+        if args.one_image:
+            lists = data / "ImageSets" / "Segmentation"
+            first = (lists / "train.txt").read_text().split()[0]
+            (lists / "one.txt").write_text(first + "\n")
+            train = "one"
+            from PIL import Image
+
+            with Image.open(data / "JPEGImages" / f"{first}.jpg") as image:
+                sizes_seen.append(f"{size} px: {image.width} x {image.height}")
+        sets = [f"data.root={data}", "data.classes=[boat,crate,truck,ring,ball]", f"data.train_list={train}",
+                f"data.label_list={train}", f"data.eval_list={train}", "data.val_list=val", "data.segmenter_train_list=train",
                 f"run.dir={run}", "run.workers=0", "backbone.weights=null", "irn.backbone_init=cam", "cam.epochs=1", "cam.batch_size=2",
                 "irn.epochs=1", "irn.batch_size=2"]
         cells = [f"{size} px"]
@@ -75,7 +88,9 @@ def main() -> None:
         rows.append(cells)
     notes = ["pipelines/voc.yaml (ResNet-50, width 1.0; make-cam scales 1.0/0.5/1.5/2.0 with flips), random init, one "
              "epoch per training stage, run.workers 0; peak resident memory of each stage's process (and its time)",
-             "images: the demo's at that long side, short side 0.7-1.0 of it (4 images; 3 get CAMs and labels)"]
+             "images: the demo's at that long side, short side 0.7-1.0 of it ("
+             + (f"one image through every stage: {', '.join(sizes_seen)}" if args.one_image
+                else "4 images; 3 get CAMs and labels") + ")"]
     text = "\n".join(header("large_images.py", load_before, notes, how="each stage its own process")) + "\n\n"
     text += table(["long side", *STAGES], rows)
     print(text)

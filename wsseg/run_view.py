@@ -158,34 +158,51 @@ def stage_figures(runs: list[Run], stage, out: Path) -> list[dict]:
     return figures
 
 
+CALIBRATION_SECTIONS = {  # report section: (score, x axis, the chosen key, what each line is)
+    "semantic": ("semantic mIoU", "labels.sem_background", ("labels", "sem_background"), "CAM power ×"),
+    "instance": ("instance AP50", "labels.ins_background", ("labels", "ins_background"), "CAM power ×"),
+    "relations": ("relation F0.5", "relations.conf_fg", ("relations", "conf_fg"), "conf_bg "),
+}
+
+
+def calibration_curves(report: dict, section: str) -> tuple[dict[str, dict[float, float]], float | None]:
+    """One section of calibrate's report.json as curves: {line name: {x: score}} and the chosen x.
+    The labels' grid is keyed (CAM power multiplier, background level): a line per power; the
+    relations' grid (conf_fg, conf_bg) with its F0.5: conf_fg along x, a line per conf_bg."""
+    _, _, (chosen_section, chosen_key), line_name = CALIBRATION_SECTIONS[section]
+    curves: dict[str, dict[float, float]] = {}
+    for key, value in report.get("grid", {}).get(section, {}).items():
+        first, second = json.loads(key)
+        line, level = (second, first) if section == "relations" else (first, second)
+        if section == "relations":
+            value = value.get("f0.5") if isinstance(value, dict) else None
+        if value is not None:
+            curves.setdefault(f"{line_name}{line:g}", {})[float(level)] = value
+    chosen = report.get("chosen", {}).get(chosen_section, {}).get(chosen_key)
+    return curves, None if chosen is None else float(chosen)
+
+
 def calibration_figures(runs: list[Run], out: Path) -> list[dict]:
     """calibrate's search (RUN/calibration/report.json): each searched score against the background
     level (labels) or conf_fg (relations), one line per CAM power / conf_bg, the chosen values marked."""
     figures = []
     reports = [(run, read_json(run.store.folder("calibration") / "report.json")) for run in runs]
     reports = [(run, report) for run, report in reports if isinstance(report, dict) and report.get("grid")]
-    sections = {"semantic": ("semantic mIoU", "labels.sem_background", ("labels", "sem_background"), "CAM power"),
-                "instance": ("instance AP50", "labels.ins_background", ("labels", "ins_background"), "CAM power"),
-                "relations": ("relation F0.5", "relations.conf_fg", ("relations", "conf_fg"), "conf_bg")}
-    for section, (score, xlabel, chosen_key, line_name) in sections.items():
+    for section, (score, xlabel, _, _) in CALIBRATION_SECTIONS.items():
         curves, marks = {}, {}
         for run, report in reports:
-            for key, value in report["grid"].get(section, {}).items():
-                line, level = json.loads(key)
-                if section == "relations":  # (conf_fg, conf_bg): conf_fg along x, a line per conf_bg
-                    line, level = level, line
-                    value = value.get("f0.5") if isinstance(value, dict) else None
-                if value is not None:
-                    curves.setdefault(_named(runs, f"{line_name} {line:g}", run.label), {})[float(level)] = value
-            chosen = report.get("chosen", {}).get(chosen_key[0], {}).get(chosen_key[1])
+            lines, chosen = calibration_curves(report, section)
+            curves.update({_named(runs, name, run.label): points for name, points in lines.items()})
             if chosen is not None:
-                marks[_named(runs, "chosen", run.label)] = float(chosen)
+                marks[_named(runs, "chosen", run.label)] = chosen
         if curves:
             image = plots.sweep(f"calibrate: {score} against {xlabel}", curves, marks,
                                 out / f"calibrate-{section}.png", xlabel, score)
             if image:
                 figures.append({"title": f"calibrate — {score}", "image": image,
-                                "caption": "the search on its image subset; held-out numbers in calibration/report.md"})
+                                "caption": "the search on its image subset (a line per CAM power, as a multiple of "
+                                           "labels.cam_power, or per relations.conf_bg); held-out numbers in "
+                                           "calibration/report.md"})
     return figures
 
 

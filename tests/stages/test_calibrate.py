@@ -50,6 +50,33 @@ def test_calibrate_reuses_the_networks_and_writes_a_stackable_overlay(labels_run
     assert stacked.relations.conf_fg == chosen["relations"]["conf_fg"]
     assert stacked.labels.sem_background == chosen["labels"]["sem_background"]
     assert (store.folder("calibration") / "report.md").read_text().startswith("# Calibration")
+    _check_the_gallery_draws_the_search(labels_run, store, report)
+
+
+def _check_the_gallery_draws_the_search(config, store, report):
+    """inspect's run section reads report.json back: every searched point on its curve, the chosen
+    level marked, and that level is where the best curve peaks (the axes are not swapped)."""
+    import json
+
+    import pytest
+
+    from wsseg.run_view import Run, calibration_curves, calibration_figures
+
+    pytest.importorskip("matplotlib")
+    for section, chosen_key in (("semantic", ("labels", "sem_background")), ("relations", ("relations", "conf_fg"))):
+        grid = report["grid"][section]
+        curves, chosen = calibration_curves(json.loads(json.dumps(report)), section)
+        assert sum(len(points) for points in curves.values()) == sum(
+            (v["f0.5"] if section == "relations" else v) is not None for v in grid.values())
+        assert chosen == report["chosen"][chosen_key[0]][chosen_key[1]]
+        best = max(max(points.values()) for points in curves.values())
+        assert any(points.get(chosen) == best for points in curves.values())
+    out = store.root / "gallery-test"
+    out.mkdir()
+    figures = calibration_figures([Run("run", config, store)], out)
+    assert [f["title"] for f in figures] == ["calibrate — semantic mIoU", "calibrate — instance AP50",
+                                             "calibrate — relation F0.5"]
+    assert all((out / f["image"]).stat().st_size > 1000 for f in figures)
 
 
 def test_inspect_compares_default_and_overlay_labels_side_by_side(labels_run, tmp_path):
