@@ -61,20 +61,20 @@ def main() -> None:
             subprocess.run([str(WSSEG), "demo-data", "--out", str(data), "--images", "4", "--size", str(size)], check=True,
                            cwd=REPO, stdout=subprocess.DEVNULL)
         shutil.rmtree(run, ignore_errors=True)
-        train = "train"
+        train, batch = "train", 2
         if args.one_image:
             lists = data / "ImageSets" / "Segmentation"
             first = (lists / "train.txt").read_text().split()[0]
             (lists / "one.txt").write_text(first + "\n")
-            train = "one"
+            train, batch = "one", 1
             from PIL import Image
 
             with Image.open(data / "JPEGImages" / f"{first}.jpg") as image:
                 sizes_seen.append(f"{size} px: {image.width} x {image.height}")
         sets = [f"data.root={data}", "data.classes=[boat,crate,truck,ring,ball]", f"data.train_list={train}",
                 f"data.label_list={train}", f"data.eval_list={train}", "data.val_list=val", "data.segmenter_train_list=train",
-                f"run.dir={run}", "run.workers=0", "backbone.weights=null", "irn.backbone_init=cam", "cam.epochs=1", "cam.batch_size=2",
-                "irn.epochs=1", "irn.batch_size=2"]
+                f"run.dir={run}", "run.workers=0", "backbone.weights=null", "irn.backbone_init=cam", "cam.epochs=1", f"cam.batch_size={batch}",
+                "irn.epochs=1", f"irn.batch_size={batch}"]
         cells = [f"{size} px"]
         killed = False
         for stage in STAGES:
@@ -87,7 +87,7 @@ def main() -> None:
             print(size, stage, cells[-1], flush=True)
         rows.append(cells)
     notes = ["pipelines/voc.yaml (ResNet-50, width 1.0; make-cam scales 1.0/0.5/1.5/2.0 with flips), random init, one "
-             "epoch per training stage, run.workers 0; peak resident memory of each stage's process (and its time)",
+             f"epoch per training stage{' with batch 1' if args.one_image else ''}, run.workers 0; peak resident memory of each stage's process (and its time)",
              "images: the demo's at that long side, short side 0.7-1.0 of it ("
              + (f"one image through every stage: {', '.join(sizes_seen)}" if args.one_image
                 else "4 images; 3 get CAMs and labels") + ")"]
