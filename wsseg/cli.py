@@ -386,7 +386,7 @@ def calibrate_command(config, images: int, metric: str, holdout: int) -> None:
 @click.option("--format", "layout", default="voc", show_default=True, type=click.Choice(["voc", "coco", "folder"]),
               help="Dataset layout to write (data.format): the VOC 2012 devkit's, COCO 2014's, or images/ + tags.csv + masks/.")
 def demo_data_command(out: Path, num_images: int | None, seed: int, size: int | None, num_classes: int, layout: str) -> None:
-    """Write the synthetic demo dataset (VOC 2012 layout, or --format folder)."""
+    """Write the synthetic demo dataset (VOC 2012 layout, or --format coco | folder)."""
     from wsseg.data import demo
 
     kwargs = {"seed": seed, "num_classes": num_classes, "layout": layout}
