@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from run_all import REPO, bench_env, fmt, header, load_average, table, write_section
 
 SECTION = "Large images"
@@ -67,8 +69,6 @@ def main() -> None:
             first = (lists / "train.txt").read_text().split()[0]
             (lists / "one.txt").write_text(first + "\n")
             train, batch = "one", 1
-            from PIL import Image
-
             with Image.open(data / "JPEGImages" / f"{first}.jpg") as image:
                 sizes_seen.append(f"{size} px: {image.width} x {image.height}")
         sets = [f"data.root={data}", "data.classes=[boat,crate,truck,ring,ball]", f"data.train_list={train}",

@@ -41,8 +41,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from wsseg.class_ids import BACKGROUND, IGNORE
-from wsseg.data.images import VOC_PALETTE, read_image, write_label_png, write_rgb_png
-from wsseg.data.voc import OTHER_IMAGE_SUFFIXES
+from wsseg.data.images import IMAGE_SUFFIXES, VOC_PALETTE, read_image, write_label_png, write_rgb_png
 from wsseg.errors import UserError
 from wsseg.ops.panoptic import BACKGROUND_CATEGORY, decode_ids, encode_ids
 from wsseg.stages import artifacts
@@ -369,7 +368,7 @@ def _export_voc(source: _Source, ids: list[str], out: Path, min_score: float, li
             write_label_png(tmp, objects)
         if image_root is not None:
             target = Path(image_root) / source.file_name(image_id)
-            suffix = target.suffix.lower() if target.suffix.lower() in (".jpg", *OTHER_IMAGE_SUFFIXES) else ".jpg"
+            suffix = target.suffix.lower() if target.suffix.lower() in IMAGE_SUFFIXES else ".jpg"
             _link_image(target, out / "JPEGImages" / f"{image_id}{suffix}")
     list_path = out / "ImageSets" / "Segmentation" / f"{list_name}.txt"
     with atomic_path(list_path) as tmp:

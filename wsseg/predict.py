@@ -10,6 +10,8 @@ import torch
 from wsseg import viz
 from wsseg.config import Config
 from wsseg.data.images import read_depth_png, read_image
+from wsseg.data.reader import scaled_size
+from wsseg.data.transforms import resize_image, resize_labels
 from wsseg.errors import UserError
 from wsseg.models.segmenters.inference import predict_labels
 from wsseg.stages import artifacts
@@ -72,9 +74,6 @@ def _predict(model, config: Config, image: np.ndarray, depth_map: np.ndarray | N
     """The label map of one image at the file's size. A run that read its images at `data.max_side`
     trained its model at that size, so the image (and its depth) is brought down to it the same way
     the readers do, and the labels go back up to the file's size (nearest)."""
-    from wsseg.data.reader import scaled_size
-    from wsseg.data.transforms import resize_image, resize_labels
-
     size = image.shape[:2]
     small = scaled_size(size, config.data.max_side) if config.data.max_side > 0 else size
     if small != size:

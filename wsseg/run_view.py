@@ -173,9 +173,11 @@ def calibration_curves(report: dict, section: str) -> tuple[dict[str, dict[float
     curves: dict[str, dict[float, float]] = {}
     for key, value in report.get("grid", {}).get(section, {}).items():
         first, second = json.loads(key)
-        line, level = (second, first) if section == "relations" else (first, second)
-        if section == "relations":
+        if section == "relations":  # (conf_fg, conf_bg) -> its scores: conf_fg along x, a line per conf_bg
+            level, line = first, second
             value = value.get("f0.5") if isinstance(value, dict) else None
+        else:  # (CAM power multiplier, background level)
+            line, level = first, second
         if value is not None:
             curves.setdefault(f"{line_name}{line:g}", {})[float(level)] = value
     chosen = report.get("chosen", {}).get(chosen_section, {}).get(chosen_key)

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wsseg.data.images import read_image, read_label_png
+from wsseg.data.images import IMAGE_SUFFIXES, read_image, read_label_png
 from wsseg.data.reader import DepthMaps, header_size
 from wsseg.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TAGS_FILE = "tags.csv"
 ALL = "all"
 

@@ -16,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 from wsseg.errors import UserError
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # what the dataset readers take
+
 
 def voc_palette(num_colors: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: (num_colors, 3) uint8; index 255 is (224, 224, 192)."""

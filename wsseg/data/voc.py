@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsseg.data.images import read_image, read_label_png
+from wsseg.data.images import IMAGE_SUFFIXES, read_image, read_label_png
 from wsseg.data.reader import VOID_INSTANCE, DepthMaps, header_size  # VOID_INSTANCE: VOC's 255 outlines in instance maps
 from wsseg.errors import UserError
 
@@ -108,9 +108,6 @@ _NUMPY_GLOBALS = {
 }
 
 
-OTHER_IMAGE_SUFFIXES = (".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _NUMPY_GLOBALS:
@@ -181,13 +178,8 @@ class VOCDataset(DepthMaps):
         """JPEGImages/<id>.jpg, VOC's own; a devkit made from PNG (or other) images, such as `wsseg export
         --format voc` of a folder dataset, keeps each image's own suffix, found when no .jpg is there."""
         path = self.root / "JPEGImages" / f"{image_id}.jpg"
-        if path.exists():
-            return path
-        for suffix in OTHER_IMAGE_SUFFIXES:
-            other = path.with_suffix(suffix)
-            if other.exists():
-                return other
-        return path  # the reader's error names the file VOC expects
+        found = (path.with_suffix(suffix) for suffix in IMAGE_SUFFIXES)  # .jpg first
+        return next((p for p in found if p.exists()), path)  # else the reader's error names VOC's file
 
     def read_image(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB."""
