@@ -78,6 +78,8 @@ def test_aspp_rates_branches_and_output_stride():
     v1 = tiny(DeepLabV1)
     assert v1.fc6.dilation == (12, 12) and v1.fc6.kernel_size == (3, 3)
     assert v1.fc6.out_channels == head_channels(v1.backbone, 1024) == 64  # 1024 x 128/2048
+    assert tiny(DeepLabV1, rate=4).fc6.dilation == (4, 4)  # LargeFOV's rate, given at OS8
+    assert tiny(DeepLabV1, output_stride=16, rate=4).fc6.dilation == (2, 2)
 
 
 def test_aspp_image_pooling_is_global():

@@ -54,7 +54,9 @@ def _aux_head(backbone, num_classes: int, aux: bool) -> AuxHead | None:
 class DeepLabV1(Segmenter):
     """DeepLab v1 LargeFOV: 3x3 conv dilation 12 -> 1024, ReLU, dropout 0.5, 1x1 1024,
     ReLU, dropout 0.5, 1x1 to classes (fc6/fc7/fc8 of the VGG release; no BatchNorm).
-    1024 is scaled with the backbone (`head_channels`). Loss on downsampled labels."""
+    1024 is scaled with the backbone (`head_channels`). Loss on downsampled labels.
+
+    `rate`: fc6's dilation at OS8, the paper's 12 for 321 px crops (a 41x41 map)."""
 
     label_size_from = "logits"
     # DeepLab v1's DenseCRF: bilateral w 4, sxy 121, srgb 5; Gaussian w 3, sxy 3.
@@ -62,12 +64,13 @@ class DeepLabV1(Segmenter):
                         gaussian_weight=3, gaussian_sxy=3)
 
     def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
-                 output_stride: int = 8, aux: bool = False) -> None:
+                 output_stride: int = 8, aux: bool = False, rate: int = 12) -> None:
         super().__init__()
         _check_output_stride("deeplab-v1", output_stride)
+        _check_rates("deeplab-v1", (rate,))
         self.backbone = resnet(depth, output_stride=output_stride, width=width)
         channels = head_channels(self.backbone, 1024)
-        dilation = 12 * 8 // output_stride  # LargeFOV: 12 at OS8
+        dilation = max(1, rate * 8 // output_stride)  # LargeFOV: 12 at OS8
         self.fc6 = nn.Conv2d(self.backbone.channels["layer4"], channels, 3, padding=dilation, dilation=dilation)
         self.fc7 = nn.Conv2d(channels, channels, 1)
         self.relu = nn.ReLU(inplace=True)
