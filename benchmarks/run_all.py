@@ -33,7 +33,7 @@ RESULTS = REPO / "runs" / "bench"  # raw numbers of the last run of each benchma
 
 # In order: pipeline.py reads what make_cam, crf and training measured. segmenters.py is the long
 # one (every model, two seeds, both label sources: hours on 2 cores; its rows resume).
-BENCHMARKS = ("random_walk", "make_cam", "crf", "training", "pipeline", "step_log", "segmenters")
+BENCHMARKS = ("random_walk", "make_cam", "crf", "training", "pipeline", "step_log", "stride_ceiling", "segmenters")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """How well a segmenter whose logits are at output stride s can score at all on a dataset.
 
-    .venv/bin/python benchmarks/stride_ceiling.py --config pipelines/demo.yaml --config data/demo/config.yaml
+    .venv/bin/python benchmarks/stride_ceiling.py          # the demo (data/demo); updates docs/BENCHMARKS.md
     .venv/bin/python benchmarks/stride_ceiling.py --config pipelines/voc.yaml --no-docs
 
 The best a stride-s logit map can do when it is brought to the image by bilinear upsampling,
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from run_all import fmt, header, load_average, table, write_section
+from run_all import REPO, fmt, header, load_average, table, write_section
 
 SECTION = "Segmenters"
 STRIDES = (4, 8, 16, 32)
@@ -67,7 +67,8 @@ def dupsampling_ceiling(train: list[np.ndarray], num_classes: int, stride: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", type=Path, required=True, help="config files, stacked")
+    parser.add_argument("--config", action="append", type=Path,
+                        help="config files, stacked (default: pipelines/demo.yaml and data/demo/config.yaml)")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
@@ -77,7 +78,8 @@ def main() -> None:
     from wsseg.stages import artifacts
 
     load = load_average()
-    config = load_config(args.config, args.set)
+    config = load_config(args.config or [REPO / "pipelines" / "demo.yaml", REPO / "data" / "demo" / "config.yaml"],
+                         args.set)
     dataset = artifacts.open_dataset(config)
     ids = artifacts.ids_with_ground_truth(dataset, artifacts.image_ids(config, "data.val_list"))
     num_classes = len(config.data.classes) + 1
