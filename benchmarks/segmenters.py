@@ -20,8 +20,9 @@ it the row is marked undertrained rather than hidden.
 Rows are cached under runs/bench/segmenters/<tag>/ and kept in benchmarks/results/segmenters/<tag>/
 (committed: the table grows across sessions and clones). A finished row is not trained again while
 train-segmenter's fingerprint under the steps, overrides and config file is the same (a comment
-or a key the stage does not read may change), so an interrupted benchmark resumes where it
-stopped; delete both to start over.
+or a key the stage does not read may change) and the run's pseudo labels score the same (each row
+records their semantic mIoU and PQ: one recipe can give other labels on another machine or thread
+count), so an interrupted benchmark resumes where it stopped; delete both to start over.
 """
 
 from __future__ import annotations
@@ -97,8 +98,20 @@ def cached_row(args, model: str, seed: int, work: Path) -> dict | None:
     return None
 
 
+def labels_of(run: Path) -> dict:
+    """What identifies the pseudo labels a row trains on: synthesize-labels' own scores in `run`. The same
+    recipe can give other labels on another machine or thread count (floating-point sums in another
+    order move a CAM threshold's pixels, and the pipeline amplifies them), so rows trained on other
+    labels are not mixed into one table."""
+    metrics = json.loads((run / "labels" / "stage.json").read_text())["metrics"]
+    return {key: round(metrics[key], 4) for key in ("semantic_miou", "pq") if metrics.get(key) is not None}
+
+
 def reusable(args, row: dict, model: str, seed: int) -> dict | None:
-    """`row` if it was trained with this command's recipe (or one train-segmenter cannot tell from it)."""
+    """`row` if it was trained with this command's recipe (or one train-segmenter cannot tell from it) on
+    the same pseudo labels (rows kept before the labels were recorded, without "labels", count as the same)."""
+    if row.get("labels", labels_of(args.run)) != labels_of(args.run):
+        return None
     recipe = row.get("recipe", {})
     if recipe == recipe_of(args):
         return row
@@ -117,7 +130,8 @@ def train_row(args, model: str, seed: int, work: Path) -> dict:
     if row is not None:
         return row
     if done.exists():
-        print(f"{model} seed {seed}: the cached row was made with another recipe; training it again", flush=True)
+        print(f"{model} seed {seed}: the cached row was made with another recipe or other pseudo labels; "
+              f"training it again", flush=True)
     run_dir = row_dir / "run"
     copy_run(args.run, run_dir)
     sets = [f"run.dir={run_dir}", *row_overrides(recipe_of(args), model, seed)]
@@ -129,7 +143,8 @@ def train_row(args, model: str, seed: int, work: Path) -> dict:
         raise SystemExit(f"{model} seed {seed} failed:\n{result.stderr[-3000:]}")
     record = json.loads((run_dir / "segmenter" / model / "stage.json").read_text())
     metrics, curves = record["metrics"], record.get("curves", {})
-    row = {"model": model, "seed": seed, "seconds": round(time.monotonic() - began, 1), "recipe": recipe_of(args)}
+    row = {"model": model, "seed": seed, "seconds": round(time.monotonic() - began, 1), "recipe": recipe_of(args),
+           "labels": labels_of(args.run)}
     for source in ("pseudo", "gt"):
         values, curve = metrics.get(source, {}), curves.get(source, {})
         row[source] = {
@@ -167,9 +182,9 @@ def per_seed(rows: list[dict], source: str, key: str = "miou") -> str:
     return " / ".join(fmt(r[source][key]) for r in rows)
 
 
-def summarise(rows_by_model: dict[str, list[dict]], labels_pq: float | None) -> tuple[str, dict]:
-    columns = ["model", "gt val mIoU (mean; seeds)", "pseudo (mean; seeds)", "pseudo / gt", "late gain gt",
-               f"val PQ pseudo / gt (seeds) [labels' own PQ {fmt(labels_pq)}]", "train img/s", "steps"]
+def summarise(rows_by_model: dict[str, list[dict]], labels_pq: float | None, seeds_wanted: list[int]) -> tuple[str, dict]:
+    columns = ["model", "gt val mIoU (mean; seeds)", "gt single scale", "pseudo (mean; seeds)", "pseudo / gt",
+               "late gain gt", f"val PQ pseudo / gt (seeds) [labels' own PQ {fmt(labels_pq)}]", "train img/s", "steps"]
     best_gt = max(mean([r["gt"]["miou"] for r in rows]) or 0 for rows in rows_by_model.values())
     lines, numbers = [], {}
     for model, rows in rows_by_model.items():
@@ -180,7 +195,10 @@ def summarise(rows_by_model: dict[str, list[dict]], labels_pq: float | None) -> 
               f"({per_seed(rows, 'pseudo', 'pq')}; {per_seed(rows, 'gt', 'pq')})")
         flags = ("" if gain is None or gain < LATE_GAIN else " (still rising)") + \
                 (" (< 0.85 best)" if gt is not None and gt < 0.85 * best_gt else "")
-        lines.append([model, f"{fmt(gt)} ({per_seed(rows, 'gt')}){flags}", f"{fmt(pseudo)} ({per_seed(rows, 'pseudo')})",
+        seeds = "" if len(rows) == len(seeds_wanted) else f" (seed {', '.join(str(r['seed']) for r in rows)} only)"
+        single = mean([r["gt"]["modes"].get("single") for r in rows])
+        lines.append([model + seeds, f"{fmt(gt)} ({per_seed(rows, 'gt')}){flags}", fmt(single),
+                      f"{fmt(pseudo)} ({per_seed(rows, 'pseudo')})",
                       fmt(pseudo / gt if gt and pseudo is not None else None), fmt(gain, 2),
                       pq, fmt(mean([r["gt"]["images_per_second"] for r in rows])), str(rows[0]["gt"]["steps"])])
         numbers[model] = {"gt": gt, "pseudo": pseudo, "late_gain": gain,
@@ -224,7 +242,7 @@ def main() -> None:
         missing = []
     # the panoptic labels' own PQ (on the images they label) beside the panoptic model's val PQ
     labels_pq = json.loads((args.run / "labels" / "stage.json").read_text())["metrics"].get("pq")
-    body, numbers = summarise(rows_by_model, labels_pq)
+    body, numbers = summarise(rows_by_model, labels_pq, seeds)
     (work / "summary.json").write_text(json.dumps(numbers, indent=1) + "\n")
     notes = [f"{args.steps} steps per model and label source, training seeds {args.seeds}; val mIoU is the best of "
              f"single / ms+flip / +CRF on the demo's 60 validation images; late gain: ground-truth val mIoU "
