@@ -279,13 +279,13 @@ def validation_miou(config: Config, model: nn.Module, device: torch.device) -> f
 GATED_CRF_SCALE = 0.5
 
 
-def gated_crf_term(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+def gated_crf_term(logits: torch.Tensor, images: torch.Tensor, corner_aligned: bool = False) -> torch.Tensor:
     """The gated CRF loss of the main logits (B, K, h, w) on the normalised crops (B, 3, H, W),
     at GATED_CRF_SCALE of the crop; gated to the image proper. The crop's padding is exactly 0
     in every channel after normalisation, which no real pixel is (the ImageNet mean x 255 is not
-    an integer in any channel)."""
+    an integer in any channel). corner_aligned: how the model's logits are read back (`Segmenter.corner_aligned`)."""
     size = (max(1, round(images.shape[-2] * GATED_CRF_SCALE)), max(1, round(images.shape[-1] * GATED_CRF_SCALE)))
-    probs = torch.softmax(upsample_to(logits.float(), size), dim=1)
+    probs = torch.softmax(upsample_to(logits.float(), size, corner_aligned), dim=1)
     mean = torch.as_tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.as_tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     rgb = nn.functional.interpolate(images.float() * std + mean, size=size, mode="bilinear", align_corners=False)
@@ -350,7 +350,8 @@ def train_one(ctx: StageContext, source: str) -> dict:
         targets = targets_from_codes(batch["label"]) if panoptic else batch["label"]
         terms = _unwrap(net).loss(outputs, targets)
         if crf_weight > 0:
-            terms["gated_crf"] = gated_crf_term(outputs["out"], batch["image"][:, :3])  # RGB (an RGB-D crop has depth 4th)
+            terms["gated_crf"] = gated_crf_term(outputs["out"], batch["image"][:, :3],  # RGB (an RGB-D crop has depth 4th)
+                                                getattr(_unwrap(net), "corner_aligned", False))
             terms["total"] = terms["total"] + crf_weight * terms["gated_crf"]
         if teacher is not None:
             with torch.no_grad():

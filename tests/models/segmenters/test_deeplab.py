@@ -82,6 +82,21 @@ def test_aspp_rates_branches_and_output_stride():
     assert tiny(DeepLabV1, output_stride=16, rate=4).fc6.dilation == (2, 2)
 
 
+@pytest.mark.parametrize("cls", [DeepLabV1, DeepLabV2], ids=["v1", "v2"])
+def test_predict_reads_each_logit_back_where_the_loss_trained_it(cls):
+    """v1/v2 learn logit (i, j) from the label pixel `downsample_labels` picks for it (corner-aligned:
+    pixel 8i on a 121 px input, Caffe's 8k+1 sizes, whose logits are 16 x 16); predict must put the
+    logit back on that pixel, not half a cell away as a centre-aligned upsampling does."""
+    model = tiny(cls).eval()
+    x = torch.randn(1, 3, 121, 121)
+    labels = torch.arange(121 * 121).reshape(1, 121, 121)
+    with torch.no_grad():
+        logits = model.head(model.backbone(x))
+        assert logits.shape[-2:] == (16, 16)
+        assert torch.equal(downsample_labels(labels, (16, 16)), labels[:, ::8, ::8])
+        torch.testing.assert_close(model.predict(x)[..., ::8, ::8], logits)
+
+
 def test_aspp_image_pooling_is_global():
     torch.manual_seed(0)
     aspp = ASPP(16, 8, rates=(2,), image_pooling=True).eval()
@@ -182,7 +197,8 @@ def test_msc_returns_each_scale_and_the_fused_max():
     assert outputs["scale0.5"].shape[-2:] == (4, 3)  # 32x24 input
     size = (9, 7)
     fused = torch.stack([outputs["scale1.0"]] + [
-        F.interpolate(outputs[k], size=size, mode="bilinear", align_corners=False) for k in ("scale0.75", "scale0.5")
+        # corner-aligned, as Caffe's Interp layer brought DeepLab v2's smaller scales to scale 1
+        F.interpolate(outputs[k], size=size, mode="bilinear", align_corners=True) for k in ("scale0.75", "scale0.5")
     ]).amax(dim=0)
     torch.testing.assert_close(outputs["out"], fused)
     terms = model.loss(outputs, labels)
@@ -196,7 +212,8 @@ def test_msc_returns_each_scale_and_the_fused_max():
     model.eval()
     with torch.no_grad():
         eval_out = model(x)["out"]
-        torch.testing.assert_close(model.predict(x), F.interpolate(eval_out, size=(65, 49), mode="bilinear"))
+        torch.testing.assert_close(model.predict(x), F.interpolate(eval_out, size=(65, 49), mode="bilinear",
+                                                                   align_corners=True))
 
 
 def test_aux_head_layout():

@@ -66,9 +66,11 @@ def test_cross_entropy_relaxes_at_the_labels_resolution_for_both_size_rules():
     generator = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 3, 5, 5, generator=generator)
     labels = random_labels(generator, (2, 17, 17), 3)
-    upsampled = F.interpolate(logits, size=(17, 17), mode="bilinear", align_corners=False)
-    expected = torch.from_numpy(slow_relaxed_nll(upsampled, labels, 2)).sum() / (labels != 255).sum()
-    for size_from in ("label", "logits"):
+    # each rule upsamples in the geometry its plain loss trains: centre-aligned for "label", corner-aligned
+    # (logit i is label pixel 4i of 17 here, the pixel `downsample_labels` gives it) for "logits"
+    for size_from, corners in (("label", False), ("logits", True)):
+        upsampled = F.interpolate(logits, size=(17, 17), mode="bilinear", align_corners=corners)
+        expected = torch.from_numpy(slow_relaxed_nll(upsampled, labels, 2)).sum() / (labels != 255).sum()
         torch.testing.assert_close(cross_entropy(logits, labels, size_from, relax=2).double(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -145,7 +145,7 @@ class DeepLabV2(Segmenter):
     def predict(self, x: Tensor) -> Tensor:
         if not self.msc:
             return super().predict(x)
-        return upsample_to(self._msc(x, self.head(self.backbone(x)))["out"], x.shape[-2:])
+        return upsample_to(self._msc(x, self.head(self.backbone(x)))["out"], x.shape[-2:], self.corner_aligned)
 
     def _msc(self, x: Tensor, full_scale: Tensor) -> dict[str, Tensor]:
         """Given the scale-1 logits, run the smaller scales and fuse by elementwise max."""
@@ -154,7 +154,7 @@ class DeepLabV2(Segmenter):
         for scale in MSC_SCALES[1:]:
             logits = self.head(self.backbone(_rescale(x, scale)))
             outputs[_scale_key(scale)] = logits
-            fused = torch.maximum(fused, upsample_to(logits, fused.shape[-2:]))
+            fused = torch.maximum(fused, upsample_to(logits, fused.shape[-2:], self.corner_aligned))
         outputs["out"] = fused
         return outputs
 
