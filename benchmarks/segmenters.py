@@ -110,7 +110,8 @@ def labels_of(run: Path) -> dict:
 def reusable(args, row: dict, model: str, seed: int) -> dict | None:
     """`row` if it was trained with this command's recipe (or one train-segmenter cannot tell from it) on
     the same pseudo labels (rows kept before the labels were recorded, without "labels", count as the same)."""
-    if row.get("labels", labels_of(args.run)) != labels_of(args.run):
+    current = labels_of(args.run)
+    if row.get("labels", current) != current:
         return None
     recipe = row.get("recipe", {})
     if recipe == recipe_of(args):

@@ -34,14 +34,18 @@ SECTION = "Segmenters"
 STRIDES = (4, 8, 16, 32)
 
 
-def ceiling_labels(labels: np.ndarray, num_classes: int, stride: int, ignore: int = 255) -> np.ndarray:
-    """The argmax of the ideal stride-`stride` map of `labels`, upsampled bilinearly (ignored pixels
-    count for no class; a cell of only ignored pixels predicts background, as a zero map's argmax)."""
+def one_hot(labels: np.ndarray, num_classes: int, ignore: int = 255) -> torch.Tensor:
+    """(H, W) class ids -> (1, C, H, W) float64 one-hot; an ignored pixel is all-zero (no class)."""
     valid = torch.from_numpy(labels != ignore)
     target = torch.from_numpy(np.where(labels != ignore, labels, 0).astype(np.int64))
-    one_hot = F.one_hot(target, num_classes).permute(2, 0, 1).float() * valid.float()
+    return (F.one_hot(target, num_classes).permute(2, 0, 1).double() * valid)[None]
+
+
+def ceiling_labels(labels: np.ndarray, num_classes: int, stride: int) -> np.ndarray:
+    """The argmax of the ideal stride-`stride` map of `labels`, upsampled bilinearly (ignored pixels
+    count for no class; a cell of only ignored pixels predicts background, as a zero map's argmax)."""
     height, width = labels.shape
-    coarse = F.adaptive_avg_pool2d(one_hot[None], (-(-height // stride), -(-width // stride)))
+    coarse = F.adaptive_avg_pool2d(one_hot(labels, num_classes), (-(-height // stride), -(-width // stride)))
     return F.interpolate(coarse, (height, width), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
 
 
@@ -55,10 +59,7 @@ def dupsampling_ceiling(train: list[np.ndarray], num_classes: int, stride: int =
     def reconstruct(labels: np.ndarray) -> np.ndarray:
         height, width = labels.shape
         padded = np.pad(labels, ((0, -height % stride), (0, -width % stride)), constant_values=255)
-        valid = torch.from_numpy(padded != 255)
-        one_hot = F.one_hot(torch.from_numpy(np.where(padded != 255, padded, 0).astype(np.int64)), num_classes)
-        one_hot = (one_hot.permute(2, 0, 1).double() * valid)[None]
-        cells = F.pixel_unshuffle(one_hot, stride)  # (1, C·r², h, w), channels in (class, dy, dx) order
+        cells = F.pixel_unshuffle(one_hot(padded, num_classes), stride)  # (1, C·r², h, w), (class, dy, dx) order
         codes = torch.einsum("kn,bkhw->bnhw", upsample.projection, cells) / stride
         return upsample.scores(codes)[0, :, :height, :width].argmax(0).numpy()
 
