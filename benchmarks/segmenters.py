@@ -47,8 +47,8 @@ the ground truth (`benchmarks/segmenters.py`); the findings are in README's segm
 the model pages."""
 WSSEG = Path(sys.executable).parent / "wsseg"
 KEPT = REPO / "benchmarks" / "results" / "segmenters"
-# Rows on pseudo labels whose scores differ by at most this are one table: the same recipe gave labels of
-# mIoU 0.5714 / PQ 0.4328 in one install and 0.5727 / 0.4279 in another (two threads both; other package builds),
+# Rows on pseudo labels whose scores differ by at most this are one table: the same recipe and two threads gave
+# labels of mIoU 0.5714 / PQ 0.4328 on an AMD EPYC and 0.5727 / 0.4279 on an Intel Xeon (other float kernels),
 # far inside the seeds' spread, where one thread instead of two gave 0.644 / 0.459.
 LABELS_TOLERANCE = {"semantic_miou": 0.005, "pq": 0.01}
 LATE_GAIN = 0.01  # a ground-truth val curve that still rises more than this over its last quarter is undertrained
@@ -260,7 +260,7 @@ def main() -> None:
     kept_labels = sorted({(r["labels"]["semantic_miou"], r["labels"].get("pq")) for rows in rows_by_model.values()
                           for r in rows if "labels" in r})
     if kept_labels:
-        notes.append("pseudo labels the rows trained on (semantic mIoU / PQ; one recipe, other installs): "
+        notes.append("pseudo labels the rows trained on (semantic mIoU / PQ; one recipe, other CPUs): "
                      + ", ".join(f"{miou:.4f} / {pq:.4f}" for miou, pq in kept_labels))
     if args.cached_only:
         notes.append("the rows were trained earlier by the same command without --cached-only"
