@@ -54,13 +54,14 @@ LABELS_TOLERANCE = {"semantic_miou": 0.005, "pq": 0.01}
 LATE_GAIN = 0.01  # a ground-truth val curve that still rises more than this over its last quarter is undertrained
 
 
-def copy_run(source: Path, target: Path) -> None:
-    """A hard-linked copy of a finished run without its segmenters (stages write new files
-    atomically, so the original's files are never changed through the links)."""
+def copy_run(source: Path, target: Path, *, keep_segmenters: bool = False) -> None:
+    """A hard-linked copy of a finished run, without its segmenters unless `keep_segmenters` (stages
+    write new files atomically, so the original's files are never changed through the links)."""
     if target.exists():
         shutil.rmtree(target)
+    left_out = [".lock"] if keep_segmenters else ["segmenter", ".lock"]
     shutil.copytree(source, target, copy_function=os.link,
-                    ignore=lambda folder, names: ["segmenter", ".lock"] if Path(folder) == source else [])
+                    ignore=lambda folder, names: left_out if Path(folder) == source else [])
 
 
 def recipe_of(args) -> dict:
