@@ -51,17 +51,21 @@ KEPT = REPO / "benchmarks" / "results" / "segmenters"
 # labels of mIoU 0.5714 / PQ 0.4328 on an AMD EPYC and 0.5727 / 0.4279 on an Intel Xeon (other float kernels),
 # far inside the seeds' spread, where one thread instead of two gave 0.644 / 0.459.
 LABELS_TOLERANCE = {"semantic_miou": 0.005, "pq": 0.01}
+LOG = "log.txt"  # the run's log, which every command appends to
 LATE_GAIN = 0.01  # a ground-truth val curve that still rises more than this over its last quarter is undertrained
 
 
 def copy_run(source: Path, target: Path, *, keep_segmenters: bool = False) -> None:
     """A hard-linked copy of a finished run, without its segmenters unless `keep_segmenters` (stages
-    write new files atomically, so the original's files are never changed through the links)."""
+    write new files atomically, so the original's files are never changed through the links). The
+    run's log is appended to, not replaced, so the copy gets a copy of it."""
     if target.exists():
         shutil.rmtree(target)
-    left_out = [".lock"] if keep_segmenters else ["segmenter", ".lock"]
+    left_out = [".lock", LOG] if keep_segmenters else ["segmenter", ".lock", LOG]
     shutil.copytree(source, target, copy_function=os.link,
                     ignore=lambda folder, names: left_out if Path(folder) == source else [])
+    if (source / LOG).exists():
+        shutil.copy2(source / LOG, target / LOG)
 
 
 def recipe_of(args) -> dict:
