@@ -144,7 +144,9 @@ def test_decoder_sums_low_and_high_level_features_at_stride_four():
 
 def test_contract_depth_is_ignored_and_the_encoder_is_the_backbone_group():
     model = tiny()
-    losses, history = train_steps(model, lr=0.01, steps=15)
+    # 30 steps: at 15 the loss had fallen to 0.6 of its start on an AMD EPYC but only to 0.98 on an
+    # Intel Xeon (float order; the first steps oscillate); by 25-30 it is 0.45-0.37 on the Xeon
+    losses, history = train_steps(model, lr=0.01, steps=30)
     assert losses[-1] < 0.8 * losses[0], losses
     assert set(history[-1]) == {"main", "total"}
     assert_param_groups_partition(model)  # backbone = the encoder (FC attention included), heads = the decoder

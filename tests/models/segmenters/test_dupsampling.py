@@ -277,7 +277,7 @@ def test_train_segmenter_fits_w_to_the_stage_labels_before_training(tmp_path):
         f"data.root={data}", f"run.dir={tmp_path / 'run'}", "run.workers=0", "run.device=cpu",
         "segmenter.model=dupsampling", "segmenter.labels=gt", "segmenter.crop=64", "segmenter.batch_size=2",
         "segmenter.iterations=2", "segmenter.eval_mode=single", "segmenter.test_scales=[1.0]",
-        "segmenter.options={dupsampling: {compressed_channels: 32}}"])
+        "segmenter.options={dupsampling: {compressed_channels: 32, output_stride: 32}}"])
     pipeline.run_stage(train_segmenter.STAGE, config)
     dataset = artifacts.open_dataset(config)
     ids = [i for i in artifacts.image_ids(config, "data.segmenter_train_list") if dataset.has_semantic(i)]
