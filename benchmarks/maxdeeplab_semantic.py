@@ -17,7 +17,6 @@ Prints the table; docs/models/maxdeeplab.md has the findings.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -38,15 +37,13 @@ def main() -> None:
     parser.add_argument("--labels", default="gt", choices=("gt", "pseudo"), help="which trained model to evaluate")
     args = parser.parse_args()
     load_before = load_average()
-    base = load_config(args.config, [*args.set, "segmenter.model=maxdeeplab"])
-    options = dict(base.segmenter.options.get("maxdeeplab", {}))
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "run"
         copy_run(args.run.resolve(), copy, keep_segmenters=True)
         for source in SOURCES:
             sets = [*args.set, "segmenter.model=maxdeeplab", f"segmenter.labels={args.labels}", f"run.dir={copy}",
-                    f"segmenter.options={json.dumps({'maxdeeplab': {**options, 'semantic_source': source}})}"]
+                    f"segmenter.options.maxdeeplab.semantic_source={source}"]  # merged into the config's options
             config = load_config(args.config, sets)
             values = evaluate(config, RunStore(copy))[args.labels]
             rows.append([source, *(fmt(values.get(f"miou_{mode}")) for mode in ("single", "msflip", "crf")),

@@ -262,11 +262,10 @@ def main() -> None:
     notes = [f"{args.steps} steps per model and label source, training seeds {args.seeds}; val mIoU is the best of "
              f"single / ms+flip / +CRF on the demo's 60 validation images; late gain: ground-truth val mIoU "
              f"(single scale) at the end minus its best before the last quarter of the steps"]
-    kept_labels = sorted({(r["labels"]["semantic_miou"], r["labels"].get("pq")) for rows in rows_by_model.values()
-                          for r in rows if "labels" in r})
+    kept_labels = sorted({tuple(r["labels"].values()) for rows in rows_by_model.values() for r in rows if "labels" in r})
     if kept_labels:
         notes.append("pseudo labels the rows trained on (semantic mIoU / PQ; one recipe, other CPUs): "
-                     + ", ".join(f"{miou:.4f} / {pq:.4f}" for miou, pq in kept_labels))
+                     + ", ".join(" / ".join(f"{v:.4f}" for v in scores) for scores in kept_labels))
     if args.cached_only:
         notes.append("the rows were trained earlier by the same command without --cached-only"
                      + (f"; not trained yet: {', '.join(missing)}" if missing else ""))
