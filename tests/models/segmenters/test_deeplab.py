@@ -163,6 +163,51 @@ def test_v1_v2_loss_uses_labels_downsampled_to_the_logits(cls):
     assert abs(terms["main"].item() - upsampled.item()) > 1e-4  # the toolboxes' loss differs
 
 
+@pytest.mark.parametrize("cls", [DeepLabV1, DeepLabV2])
+def test_v1_v2_loss_on_labels_upsamples_the_logits_and_reads_them_back_so(cls):
+    """`loss_on: labels` trains the logits upsampled (centre-aligned) to the labels, as v3 does, and
+    predict() reads them back with that geometry."""
+    model = tiny(cls, loss_on="labels")
+    assert not model.corner_aligned and tiny(cls).corner_aligned
+    x = torch.randn(2, 3, 65, 49)
+    labels = torch.randint(0, NUM_CLASSES, (2, 65, 49))
+    labels[:, :20] = 255
+    outputs = model(x)
+    expected = F.cross_entropy(F.interpolate(outputs["out"], size=(65, 49), mode="bilinear", align_corners=False),
+                               labels, ignore_index=255)
+    torch.testing.assert_close(model.loss(outputs, labels)["main"], expected)
+    model.eval()
+    with torch.no_grad():
+        logits = model.head(model.backbone(x))
+        torch.testing.assert_close(model.predict(x), F.interpolate(logits, size=(65, 49), mode="bilinear",
+                                                                   align_corners=False))
+    with pytest.raises(ValueError, match="loss_on"):
+        tiny(cls, loss_on="pixels")
+
+
+def test_v1_head_norm_and_dropout_options():
+    """head_norm puts a BatchNorm between fc6/fc7 and their ReLU (the convs lose their bias); dropout
+    sets both dropout layers' probability."""
+    plain, normed = tiny(DeepLabV1), tiny(DeepLabV1, head_norm=True, dropout=0.0)
+    assert plain.fc6.bias is not None and isinstance(plain.norm6, torch.nn.Identity)
+    assert normed.fc6.bias is None and normed.fc7.bias is None
+    assert plain.dropout6.p == plain.dropout7.p == 0.5 and normed.dropout6.p == normed.dropout7.p == 0.0
+    for norm in (normed.norm6, normed.norm7):  # statistics that change what the head computes
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    normed.eval()
+    x = torch.randn(2, normed.fc6.in_channels, 6, 6)
+    bn = lambda norm, t: F.batch_norm(t, norm.running_mean, norm.running_var, norm.weight, norm.bias, eps=norm.eps)
+    with torch.no_grad():
+        expected = normed.classifier(F.relu(bn(normed.norm7, normed.fc7(F.relu(bn(normed.norm6, normed.fc6(x)))))))
+        torch.testing.assert_close(normed.head({"layer4": x}), expected)
+    plain.train()
+    with torch.no_grad():  # dropout 0.5 is live in training: two passes differ
+        assert not torch.equal(plain.head({"layer4": x}), plain.head({"layer4": x}))
+    with pytest.raises(ValueError, match="dropout"):
+        tiny(DeepLabV1, dropout=1.0)
+
+
 def test_v3_loss_upsamples_the_logits():
     model = tiny(DeepLabV3, aux=False)
     x = torch.randn(2, 3, 65, 49)

@@ -45,6 +45,14 @@ def _check_rates(model: str, rates: Sequence[int]) -> None:
         raise ValueError(f"{model}: rates must be one or more dilations >= 1, got {tuple(rates)}")
 
 
+def _loss_on(model: str, loss_on: str) -> str:
+    """The `label_size_from` of a v1/v2 model's `loss_on` option: "logits" (the papers' labels
+    downsampled to the logits) or "labels" (the logits upsampled to the labels, as v3 does)."""
+    if loss_on not in ("logits", "labels"):
+        raise ValueError(f"{model}: loss_on must be 'logits' (the paper's) or 'labels', got {loss_on!r}")
+    return "logits" if loss_on == "logits" else "label"
+
+
 def _aux_head(backbone, num_classes: int, aux: bool) -> AuxHead | None:
     if not aux:
         return None
@@ -56,7 +64,10 @@ class DeepLabV1(Segmenter):
     ReLU, dropout 0.5, 1x1 to classes (fc6/fc7/fc8 of the VGG release; no BatchNorm).
     1024 is scaled with the backbone (`head_channels`). Loss on downsampled labels.
 
-    `rate`: fc6's dilation at OS8, the paper's 12 for 321 px crops (a 41x41 map)."""
+    `rate`: fc6's dilation at OS8, the paper's 12 for 321 px crops (a 41x41 map).
+    `dropout`: the drop probability after fc6 and fc7 (the paper's 0.5; 0 leaves them out).
+    `head_norm`: BatchNorm after fc6 and fc7 (before the ReLU), which the paper has not.
+    `loss_on`: "logits" (the paper's: labels downsampled to the logits) or "labels"."""
 
     label_size_from = "logits"
     # DeepLab v1's DenseCRF: bilateral w 4, sxy 121, srgb 5; Gaussian w 3, sxy 3.
@@ -64,25 +75,32 @@ class DeepLabV1(Segmenter):
                         gaussian_weight=3, gaussian_sxy=3)
 
     def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
-                 output_stride: int = 8, aux: bool = False, rate: int = 12) -> None:
+                 output_stride: int = 8, aux: bool = False, rate: int = 12,
+                 dropout: float = 0.5, head_norm: bool = False, loss_on: str = "logits") -> None:
         super().__init__()
+        self.label_size_from = _loss_on("deeplab-v1", loss_on)
         _check_output_stride("deeplab-v1", output_stride)
         _check_rates("deeplab-v1", (rate,))
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"deeplab-v1: dropout must be in [0, 1), got {dropout}")
         self.backbone = resnet(depth, output_stride=output_stride, width=width)
         channels = head_channels(self.backbone, 1024)
         dilation = max(1, rate * 8 // output_stride)  # LargeFOV: 12 at OS8
-        self.fc6 = nn.Conv2d(self.backbone.channels["layer4"], channels, 3, padding=dilation, dilation=dilation)
-        self.fc7 = nn.Conv2d(channels, channels, 1)
+        self.fc6 = nn.Conv2d(self.backbone.channels["layer4"], channels, 3, padding=dilation, dilation=dilation,
+                             bias=not head_norm)
+        self.fc7 = nn.Conv2d(channels, channels, 1, bias=not head_norm)
+        self.norm6 = nn.BatchNorm2d(channels) if head_norm else nn.Identity()
+        self.norm7 = nn.BatchNorm2d(channels) if head_norm else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
         # Caffe's Dropout layer drops single activations (not whole channels).
-        self.dropout6 = nn.Dropout(0.5)
-        self.dropout7 = nn.Dropout(0.5)
+        self.dropout6 = nn.Dropout(dropout)
+        self.dropout7 = nn.Dropout(dropout)
         self.classifier = classifier(channels, num_classes)
         self.aux_head = _aux_head(self.backbone, num_classes, aux)
 
     def head(self, features: dict[str, Tensor]) -> Tensor:
-        x = self.dropout6(self.relu(self.fc6(features["layer4"])))
-        x = self.dropout7(self.relu(self.fc7(x)))
+        x = self.dropout6(self.relu(self.norm6(self.fc6(features["layer4"]))))
+        x = self.dropout7(self.relu(self.norm7(self.fc7(x))))
         return self.classifier(x)
 
 
@@ -103,6 +121,9 @@ class DeepLabV2(Segmenter):
     total = main (fused) + scale1.0 + scale0.75 + scale0.5 [+ aux_weight·aux]
     (the DeepLab v2 PyTorch port's sum over its four outputs). predict() gives the
     fused logits.
+
+    `loss_on`: "logits" (the paper's: labels downsampled to each output) or "labels" (each
+    output upsampled to the labels).
     """
 
     label_size_from = "logits"
@@ -111,8 +132,9 @@ class DeepLabV2(Segmenter):
 
     def __init__(self, num_classes: int, *, depth: int = 50, width: float = 1.0,
                  output_stride: int = 8, aux: bool = False, msc: bool = False,
-                 rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+                 rates: Sequence[int] = (6, 12, 18, 24), loss_on: str = "logits") -> None:
         super().__init__()
+        self.label_size_from = _loss_on("deeplab-v2", loss_on)
         _check_output_stride("deeplab-v2", output_stride)
         _check_rates("deeplab-v2", rates)
         self.msc = msc
