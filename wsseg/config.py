@@ -103,7 +103,8 @@ def _check_lr_by_model(values: dict, where: str) -> None:
 LR_BY_MODEL_KEYS = ("lr", "head_lr_mult")
 
 MODEL_OPTIONS_DOC = ("per-model constructor options, by model name: {maxdeeplab: {num_slots: 64}, deeplab-v3: "
-                     "{output_stride: 8}}; checked against the model's constructor, only the chosen model's are used "
+                     "{output_stride: 8}, lednet: {width: 1.0}}; checked against the model's constructor (width: that model's "
+                     "own instead of segmenter.width), only the chosen model's are used "
                      "(and make its result stale); docs/models/<name>.md lists each model's options")
 
 

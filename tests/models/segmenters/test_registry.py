@@ -123,6 +123,21 @@ def test_options_are_typed_by_the_constructor_and_impossible_values_name_the_key
     assert len(model.pyramid.branches) == 2
 
 
+def test_a_models_options_may_set_its_own_width():
+    """segmenter.width shrinks every model; `width` in one model's options replaces it for that model
+    (a model with its own light encoder at its paper's width beside ResNets at a quarter)."""
+    def parameters(model):
+        return sum(p.numel() for p in model.parameters())
+
+    shared = build_segmenter("lednet", NUM_CLASSES, depth=18, width=0.25)
+    own = build_segmenter("lednet", NUM_CLASSES, depth=18, width=0.25, options={"width": 1.0})
+    assert parameters(own) == parameters(build_segmenter("lednet", NUM_CLASSES, depth=18, width=1.0)) > 4 * parameters(shared)
+    with pytest.raises(UserError, match=r"segmenter.options.lednet.width: must be a positive"):
+        build_segmenter("lednet", NUM_CLASSES, options={"width": 0})
+    with pytest.raises(UserError, match=r"segmenter.options.lednet.width: 'wide' is not a number"):
+        build_segmenter("lednet", NUM_CLASSES, options={"width": "wide"})
+
+
 @pytest.mark.parametrize("name", list(SEGMENTERS))
 def test_every_option_is_keyword_only_and_its_default_passes_its_own_check(name):
     """What `segmenter.options.<name>` may hold is read from the constructor: every option must be

@@ -59,6 +59,9 @@ SEGMENTERS: dict[str, type[nn.Module]] = {
 
 # Constructor arguments the stage fills from shared config keys, not per-model options.
 SHARED_ARGUMENTS = {"num_classes": "data.classes", "depth": "segmenter.depth", "width": "segmenter.width"}
+# Shared arguments a model's options may still set for that model alone: segmenter.width shrinks a ResNet, and a
+# model with an encoder of its own (LEDNet, DFANet) is already that light at its paper's width.
+OVERRIDABLE = {"width": float}
 
 
 def check_model(name: str, where: str = "segmenter.model") -> type[nn.Module]:
@@ -89,12 +92,17 @@ def model_options(name: str, options: Mapping[str, Any], where: str = "segmenter
     known = option_types(name)
     checked = {}
     for key, value in options.items():
+        if key in OVERRIDABLE:
+            checked[key] = coerce_value(value, OVERRIDABLE[key], f"{where}.{key}")
+            if not checked[key] > 0:
+                raise UserError(f"{where}.{key}: must be a positive channel multiplier, got {value!r}")
+            continue
         if key in SHARED_ARGUMENTS:
             raise UserError(f"{where}.{key}: set it with {SHARED_ARGUMENTS[key]}, which every model shares")
         if key not in known:
             match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
             hint = f" (did you mean '{match[0]}'?)" if match else ""
-            raise UserError(f"{where}: model '{name}' has no option '{key}'{hint}; its options are {', '.join(known)}")
+            raise UserError(f"{where}: model '{name}' has no option '{key}'{hint}; its options are {', '.join([*known, *OVERRIDABLE])}")
         checked[key] = coerce_value(value, known[key][0], f"{where}.{key}")
     return checked
 
@@ -102,15 +110,16 @@ def model_options(name: str, options: Mapping[str, Any], where: str = "segmenter
 def build_segmenter(name: str, num_classes: int, *, depth: int = 50, width: float = 1.0,
                     options: Mapping[str, Any] | None = None) -> nn.Module:
     """The segmenter registered as `name`, built with num_classes (background included), the
-    shared depth and width, and the model's own options (checked as `model_options` does).
+    shared depth and width, and the model's own options (checked as `model_options` does; a
+    `width` among them is that model's instead of the shared one).
 
     A model's constructor raises ValueError for option values it cannot use together (an
     output stride it does not support, say); that becomes a UserError naming the options key.
     """
     cls = check_model(name)
-    kwargs = model_options(name, options or {})
+    kwargs = {"width": width, **model_options(name, options or {})}  # the model's own width, if it sets one
     try:
-        return cls(num_classes, depth=depth, width=width, **kwargs)
+        return cls(num_classes, depth=depth, **kwargs)
     except ValueError as error:
         raise UserError(f"segmenter.options.{name}: {error}") from None
 
@@ -121,4 +130,6 @@ def describe_options() -> str:
     for name in SEGMENTERS:
         options = ", ".join(f"{key}={default!r}" for key, (_, default) in option_types(name).items())
         lines.append(f"  {name}: {options}")
+    lines.append(f"  (any model: {', '.join(OVERRIDABLE)}, which then replaces segmenter.{' / segmenter.'.join(OVERRIDABLE)} "
+                 f"for that model)")
     return "\n".join(lines)
