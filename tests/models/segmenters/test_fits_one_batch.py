@@ -7,7 +7,11 @@ wide. So the fit is scored where the model's own loss looks (at the labels' size
 logits upsampled, or for DeepLab v1/v2 at the logits' size with the labels downsampled the
 same way), and the bar is set by an oracle with the same output: a free logit map of the
 model's output shape fitted directly (both written here, apart from the code under
-test). The model (eval mode) must reach 90 % of the oracle's mIoU on the batch within a
+test). Each model is built as the demo recipe trains it (pipelines/demo.yaml's shared width 0.25
+and the model's own segmenter.options: DeepLab v1/v2's loss at the labels' size, LEDNet and
+DFANet at width 1.0, at 0.25 DFANet's fit hung on float summation order: 300 steps on one
+thread, short of the bar after 500 on two); DeepLab v1/v2 also with the paper's loss, as the
+VOC recipe trains them. The model (eval mode) must reach 90 % of the oracle's mIoU on the batch within a
 bounded number of Adam steps over its own param_groups(), the heads at the demo recipe's
 multiple of the backbone's rate (pipelines/demo.yaml: segmenter.head_lr_mult, or the model's
 lr_by_model entry: RefineNet's BN-free heads diverge at ten times). MaX-DeepLab trains on the
@@ -46,10 +50,14 @@ NUM_CLASSES = 6  # background + the demo's five
 MAX_STEPS = 500
 SHARE_OF_ORACLE = 0.9
 PANOPTIC = {"maxdeeplab"}  # trained on panoptic targets: test_panoptic_model_fits_one_batch
-PANOPTIC_OPTIONS = {"maxdeeplab": {"num_slots": 16, "memory_channels": 64, "pixel_dim": 32}}  # the demo's
 SEMANTIC = [name for name in SEGMENTERS if name not in PANOPTIC]
-BACKBONE_LR = 1e-3
 DEMO = load_config([Path(__file__).resolve().parents[3] / "pipelines" / "demo.yaml"]).segmenter
+# Each model as the demo recipe builds it, and where the recipe departs from the paper's loss (the
+# VOC recipe's), the paper's too: DeepLab v1/v2 on labels downsampled to the logits
+CASES = [pytest.param(name, DEMO.options.get(name), id=name) for name in SEMANTIC] + [
+    pytest.param(name, {**DEMO.options[name], "loss_on": "logits"}, id=f"{name}-loss-on-logits")
+    for name in ("deeplab-v1", "deeplab-v2")]
+BACKBONE_LR = 2e-3
 
 
 def assert_every_trained_parameter_moved(name: str, model, initial: dict[str, torch.Tensor]) -> None:
@@ -162,11 +170,11 @@ def batch_pq(model, images: torch.Tensor, codes: torch.Tensor) -> float:
     return panoptic_quality(pairs, NUM_CLASSES, thing_classes=list(range(1, NUM_CLASSES)), stuff_classes=[0])["pq"]
 
 
-@pytest.mark.parametrize("name", SEMANTIC)
-def test_model_fits_one_batch(name, batch):
+@pytest.mark.parametrize("name, options", CASES)
+def test_model_fits_one_batch(name, options, batch):
     images, labels, depth = batch
     torch.manual_seed(0)
-    model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25)
+    model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25, options=options)
     images = model_inputs(model, images, depth)
     with torch.no_grad():
         shape = model(images)["out"].shape
@@ -202,7 +210,7 @@ def test_panoptic_model_fits_one_batch(name, crops):
     reach PQ >= 0.8 on the batch and 90 % of its output's semantic oracle."""
     images, labels, codes, depth = crops
     torch.manual_seed(0)
-    model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25, options=PANOPTIC_OPTIONS[name])
+    model = build_segmenter(name, NUM_CLASSES, depth=18, width=0.25, options=DEMO.options.get(name))
     images = model_inputs(model, images, depth)
     target = SHARE_OF_ORACLE * oracle_miou((*images.shape[:1], NUM_CLASSES, *images.shape[2:]), labels, "label")
     targets = targets_from_codes(codes)
