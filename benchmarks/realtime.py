@@ -96,7 +96,7 @@ def main() -> None:
                      table_miou(name) if name in SEGMENTERS else "-"])
     notes = [f"device {args.device}; {args.size}x{args.size}, batch 1, {args.classes} classes, ResNet-{args.depth} "
              f"width {args.width}; median of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds",
-             "gt val mIoU: benchmarks/segmenters.py's finished rows (demo data, the demo's width 0.25, 2000 steps), not this script's"]
+             "gt val mIoU: benchmarks/segmenters.py's finished rows (demo data, the demo recipe's widths: 0.25, LEDNet and DFANet 1.0; 2000 steps or more), not this script's"]
     text = "\n".join(header("realtime.py", load_before, notes, how="all models in one process, timed in turn")) + "\n\n"
     text += table(["model", "images/s", f"x {REFERENCE}", "GMACs", "parameters (M)", "gt val mIoU on the demo"], rows)
     print(text)
