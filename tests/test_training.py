@@ -125,6 +125,29 @@ def test_every_step_is_logged_and_a_resume_continues_the_same_log(tmp_path):
     assert [e.value for e in totals] == pytest.approx(log["series"]["total"], rel=1e-4)
 
 
+def test_a_resumed_phase_event_file_sorts_after_the_cut_off_ones(tmp_path):
+    """TensorBoard reads a folder's event files in name order and purges only earlier files; a file
+    made in the same second by the same host and process sorts by its writer counter as a string
+    (9 after 10: it made test_every_step_is_logged... fail in a pytest worker that had made ten
+    writers), so the resume must wait for a later second."""
+    import os
+    import socket
+    import time
+
+    from wsseg.steplog import StepLog
+
+    folder = tmp_path / "tb"
+    folder.mkdir()
+    # this process's own host and id, and a counter above the one its next writer takes
+    cut_off = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.99999"
+    cut_off.write_bytes(b"")
+    log = StepLog(tmp_path / "curves.json", "train", "train-test", tensorboard=folder, start_step=3)
+    log.writer.flush()
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(names) == 2 and names[0] == cut_off.name, names
+    log.writer.close()
+
+
 def test_no_event_files_with_tensorboard_off(tmp_path):
     _, folder = _run(tmp_path, epochs=1, tensorboard=False)
     assert (folder / "curves" / "train.json").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 from wsseg.errors import UserError
@@ -57,6 +58,21 @@ def _rounded(value: float) -> float | None:
     return float(f"{value:.6g}")
 
 
+EVENT_FILE_SECOND = re.compile(r"events\.out\.tfevents\.(\d+)\.")
+
+
+def wait_for_a_later_event_file_name(folder: Path) -> None:
+    """Return once a new event file in `folder` will sort after every one there. TensorBoard reads a
+    folder's event files in name order, and a purge applies only to the files before it; the name
+    starts with the whole second it was made in, then host, process id and a per-process counter,
+    whose string order is not the order of creation (counter 10 sorts before 9). A resume within
+    the same second as the cut-off run's file is made is therefore held until the next second."""
+    seconds = [int(m.group(1)) for p in folder.glob("events.out.tfevents.*") if (m := EVENT_FILE_SECOND.match(p.name))]
+    if seconds:
+        while time.time() < max(seconds) + 1:
+            time.sleep(0.05)
+
+
 class StepLog:
     """The log of one training phase: per-step series and per-epoch series, aligned on the step.
 
@@ -78,6 +94,8 @@ class StepLog:
 
             if start_step == 0 and tensorboard.exists():
                 shutil.rmtree(tensorboard)  # a phase trained from scratch starts a fresh TensorBoard run
+            else:
+                wait_for_a_later_event_file_name(tensorboard)
             # purge_step: on a resume, TensorBoard hides what the cut-off run wrote from this step on
             self.writer = SummaryWriter(str(tensorboard), purge_step=start_step or None)
 
