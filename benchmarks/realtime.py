@@ -37,11 +37,8 @@ def table_miou(model: str, tag: str = "table") -> str:
     """The ground-truth val mIoU of benchmarks/segmenters.py's finished rows for `model` (mean over seeds): the
     rows it keeps in the repository, so a fresh clone shows them too. Per seed the longest row counts, as in
     that table (a longer row exists only where its convergence rule asked for one)."""
-    last: dict[int, dict] = {}
-    for path in (REPO / "benchmarks" / "results" / "segmenters" / tag).glob(f"{model}-s*.json"):
-        row = json.loads(path.read_text())
-        if row.get("model") == model and (row["seed"] not in last or row["recipe"]["steps"] > last[row["seed"]]["recipe"]["steps"]):
-            last[row["seed"]] = row
+    rows = [json.loads(p.read_text()) for p in (REPO / "benchmarks" / "results" / "segmenters" / tag).glob(f"{model}-s*.json")]
+    last = {row["seed"]: row for row in sorted(rows, key=lambda row: row["recipe"]["steps"]) if row["model"] == model}
     values = [r["gt"]["miou"] for r in last.values() if r.get("gt", {}).get("miou") is not None]
     return f"{fmt(float(np.mean(values)))} ({len(values)} seed{'s' if len(values) != 1 else ''})" if values else "not run yet"
 

@@ -65,8 +65,8 @@ def wait_for_a_later_event_file_name(folder: Path) -> None:
     """Return once a new event file in `folder` will sort after every one there. TensorBoard reads a
     folder's event files in name order, and a purge applies only to the files before it; the name
     starts with the whole second it was made in, then host, process id and a per-process counter,
-    whose string order is not the order of creation (counter 10 sorts before 9). A resume within
-    the same second as the cut-off run's file is made is therefore held until the next second."""
+    whose string order is not the order of creation (counter 10 sorts before 9). A resume that
+    starts in the same second as the newest file there therefore waits for the next second."""
     seconds = [int(m.group(1)) for p in folder.glob("events.out.tfevents.*") if (m := EVENT_FILE_SECOND.match(p.name))]
     if seconds:
         while time.time() < max(seconds) + 1:
