@@ -26,13 +26,18 @@ def test_codes_survive_augmentation_and_rebuild_the_segments():
     assert torch.equal(target["masks"].any(0), ~target["void"])  # every pixel is a segment or void
 
 
+def maxdeeplab_config(labels_run):
+    """A tiny MaX-DeepLab with the demo's pseudo-label options (the ignore band applies to it, relaxation does not)."""
+    return tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=maxdeeplab", "segmenter.labels=both",
+                       "segmenter.eval_mode=single", "segmenter.options.maxdeeplab.num_slots=8",
+                       "segmenter.options.maxdeeplab.memory_channels=32", "segmenter.options.maxdeeplab.pixel_dim=16",
+                       "segmenter.lr=0.001", "segmenter.ignore_band=0.1", "segmenter.label_relaxation=1")
+
+
 def test_maxdeeplab_trains_on_panoptic_labels_and_reports_pq(labels_run):
     import wsseg.stages.train_segmenter as train_segmenter
 
-    config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=maxdeeplab", "segmenter.labels=both",
-                         "segmenter.eval_mode=single", "segmenter.options.maxdeeplab.num_slots=8",
-                         "segmenter.options.maxdeeplab.memory_channels=32",
-                         "segmenter.options.maxdeeplab.pixel_dim=16", "segmenter.lr=0.001")
+    config = maxdeeplab_config(labels_run)
     pipeline.run_stage(train_segmenter.STAGE, config)
     record = RunStore(config.run.dir).record("segmenter/maxdeeplab")
     for source in ("pseudo", "gt"):
@@ -41,16 +46,16 @@ def test_maxdeeplab_trains_on_panoptic_labels_and_reports_pq(labels_run):
         curve = record["curves"][source]
         assert set(curve) >= {"pq", "mask_id", "instance", "semantic", "total"}
     assert "pq_pseudo" in record["metrics"] and "pq_gt" in record["metrics"]
+    # the ignore band voids the pseudo panoptic labels' least confident pixels; relaxation is per-pixel only
+    assert record["metrics"]["pseudo"]["noisy_label_options"] == {"label_relaxation": 0, "gated_crf": 0.0, "ignore_band": 0.1}
+    assert record["metrics"]["gt"]["noisy_label_options"] == {"label_relaxation": 0, "gated_crf": 0.0, "ignore_band": 0.0}
 
 
 def test_panoptic_predictions_are_written_and_drawn(labels_run, tmp_path):
     from wsseg.inspect import inspect
     from wsseg.stages import artifacts
 
-    config = tiny_config(labels_run.data.root, labels_run.run.dir, "segmenter.model=maxdeeplab", "segmenter.labels=both",
-                         "segmenter.eval_mode=single", "segmenter.options.maxdeeplab.num_slots=8",
-                         "segmenter.options.maxdeeplab.memory_channels=32",
-                         "segmenter.options.maxdeeplab.pixel_dim=16", "segmenter.lr=0.001")
+    config = maxdeeplab_config(labels_run)
     import wsseg.stages.train_segmenter as train_segmenter
 
     pipeline.run_stage(train_segmenter.STAGE, config)  # up to date (skipped) when the test above trained it

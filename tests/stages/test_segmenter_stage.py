@@ -91,15 +91,20 @@ def test_noisy_label_options_train_on_pseudo_labels_only(labels_run, tmp_path):
     assert all(value > 0 for value in record["curves"]["pseudo"]["gated_crf"])
 
     store = RunStore(run_dir)
-    ignored = 0
+    ignored = voided_segment_pixels = 0
     for image_id in artifacts.image_ids(config, "data.segmenter_train_list"):
         paths = LabelPaths(store, image_id)
         semantic, margin = artifacts.read_labels(paths.semantic), artifacts.read_labels(paths.margin)
         banded = train_segmenter.PseudoLabels(str(run_dir), 0.1)(image_id)
         near = margin < round(0.1 * 255)
         assert (banded[near] == 255).all() and (banded[~near] == semantic[~near]).all()
+        # the panoptic label (MaX-DeepLab's) loses the same pixels to void and keeps its segments elsewhere
+        codes = train_segmenter.PseudoPanoptic(str(run_dir))(image_id)
+        banded_codes = train_segmenter.PseudoLabels(str(run_dir), 0.1, panoptic=True)(image_id)
+        assert (banded_codes[near] == 255).all() and (banded_codes[~near] == codes[~near]).all()
         ignored += int(near.sum())
-    assert ignored > 0
+        voided_segment_pixels += int((codes[near] != 255).sum())
+    assert ignored > 0 and voided_segment_pixels > 0
     # a run without labels/margin (made before it existed) gets one line saying what to do
     for path in (run_dir / "labels" / "margin").iterdir():
         path.unlink()
@@ -162,9 +167,11 @@ def test_lr_by_model_replaces_the_shared_rates_for_its_model_only(tmp_path):
     def inputs(c):
         return pipeline.selected_config(c, train_segmenter.STAGE.selectors(c))
 
-    # the pseudo-label options are not in a panoptic model's fingerprint (they do not apply to it)
-    assert inputs(config("segmenter.model=maxdeeplab", "segmenter.label_relaxation=1", "segmenter.ignore_band=0.1")) \
+    # the per-pixel pseudo-label options are not in a panoptic model's fingerprint (they do not apply to it);
+    # the ignore band, which voids label pixels, is
+    assert inputs(config("segmenter.model=maxdeeplab", "segmenter.label_relaxation=1", "segmenter.gated_crf=0.1")) \
         == inputs(config("segmenter.model=maxdeeplab"))
+    assert inputs(config("segmenter.model=maxdeeplab", "segmenter.ignore_band=0.1")) != inputs(config("segmenter.model=maxdeeplab"))
     assert inputs(config("segmenter.label_relaxation=1")) != inputs(config())
 
     assert inputs(shared) == inputs(config("segmenter.model=deeplab-v2"))

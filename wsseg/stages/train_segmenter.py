@@ -69,19 +69,24 @@ def folder_of(store: RunStore, config: Config, source: str) -> Path:
 
 
 class PseudoLabels:
-    """label_reader: synthesize-labels' semantic label of an image (picklable for workers);
-    `ignore_band` > 0: pixels whose background margin (labels/margin) is below it become 255."""
+    """label_reader: synthesize-labels' label of an image (picklable for workers): the semantic label, or
+    with `panoptic` the panoptic label as a code map (void 255). `ignore_band` > 0: pixels whose background
+    margin (labels/margin) is below it become 255 in either."""
 
-    def __init__(self, run_dir: str, ignore_band: float = 0.0):
+    def __init__(self, run_dir: str, ignore_band: float = 0.0, panoptic: bool = False):
         self.run_dir = run_dir
         self.ignore_band = ignore_band
+        self.panoptic = panoptic
 
     def __call__(self, image_id: str) -> np.ndarray:
         paths = LabelPaths(RunStore(self.run_dir), image_id)
-        labels = artifacts.read_labels(paths.semantic)
-        if labels is None:
-            raise UserError(f"labels/semantic/{image_id}.png is missing or damaged; data.segmenter_train_list must be "
-                            f"covered by data.label_list, and synthesize-labels must have run")
+        if self.panoptic:
+            labels = PseudoPanoptic(self.run_dir)(image_id)
+        else:
+            labels = artifacts.read_labels(paths.semantic)
+            if labels is None:
+                raise UserError(f"labels/semantic/{image_id}.png is missing or damaged; data.segmenter_train_list must be "
+                                f"covered by data.label_list, and synthesize-labels must have run")
         if self.ignore_band > 0:
             margin = artifacts.read_labels(paths.margin)
             if margin is None or margin.shape != labels.shape:
@@ -245,10 +250,10 @@ def own_lr_selector(config: Config) -> tuple[str, ...]:
 
 
 def unused_noisy_label_keys(config: Config) -> tuple[str, ...]:
-    """The pseudo-label options, left out of the fingerprint of a model they do not apply to (panoptic)."""
+    """The per-pixel pseudo-label options, left out of the fingerprint of a model they do not apply to (panoptic)."""
     if not is_panoptic(SEGMENTERS[config.segmenter.model]):
         return ()
-    return tuple(f"-segmenter.{key}" for key in NOISY_LABEL_KEYS)
+    return tuple(f"-segmenter.{key}" for key in PER_PIXEL_KEYS)
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -294,8 +299,9 @@ def gated_crf_term(logits: torch.Tensor, images: torch.Tensor, corner_aligned: b
     return gated_crf_loss(probs, rgb, gate, xy_scale=GATED_CRF_SCALE)
 
 
-# The options for partly wrong (pseudo) labels; the semantic segmenters only.
-NOISY_LABEL_KEYS = ("label_relaxation", "gated_crf", "ignore_band")
+# The options for partly wrong (pseudo) labels that act on per-pixel class scores: the semantic segmenters
+# only (segmenter.ignore_band, which voids label pixels, applies to every model).
+PER_PIXEL_KEYS = ("label_relaxation", "gated_crf")
 
 
 def _unwrap(net: nn.Module) -> nn.Module:
@@ -315,13 +321,15 @@ def train_one(ctx: StageContext, source: str) -> dict:
                             f"data.segmenter_train_list; none were found")
         reader = TruePanoptic(dataset) if panoptic else dataset.read_semantic
     else:
-        reader = PseudoPanoptic(str(ctx.store.root)) if panoptic else PseudoLabels(str(ctx.store.root), segmenter.ignore_band)
-    # The options for partly wrong labels: on semantic pseudo labels only (the ground-truth run is the plain
-    # reference; a panoptic model's targets are segments, which they are not defined on).
-    noisy = source == "pseudo" and not panoptic
-    if source == "pseudo" and panoptic and any(getattr(segmenter, key) for key in NOISY_LABEL_KEYS):
+        reader = PseudoLabels(str(ctx.store.root), segmenter.ignore_band, panoptic)
+    # The options for partly wrong labels: on pseudo labels only (the ground-truth run is the plain reference).
+    # The ignore band voids pixels of either kind of label; relaxation and the gated CRF loss act on per-pixel
+    # class scores, which a panoptic model's segment targets are not.
+    pseudo = source == "pseudo"
+    noisy = pseudo and not panoptic
+    if pseudo and panoptic and any(getattr(segmenter, key) for key in PER_PIXEL_KEYS):
         ctx.log.info("%s trains on panoptic labels: segmenter.%s do not apply to it", segmenter.model,
-                     " / ".join(NOISY_LABEL_KEYS))
+                     " / ".join(PER_PIXEL_KEYS))
     seed = training_seed(config)
     teacher = load_teacher(config, ctx.store, source).to(ctx.device) if segmenter.teacher is not None else None
     teacher_depth = teacher is not None and teacher.input_channels == 4
@@ -383,7 +391,7 @@ def train_one(ctx: StageContext, source: str) -> dict:
         save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "model_name": segmenter.model,
                                               "build": build_record(config)})
     applied = {"label_relaxation": model.label_relaxation, "gated_crf": crf_weight,
-               "ignore_band": segmenter.ignore_band if noisy else 0.0}
+               "ignore_band": segmenter.ignore_band if pseudo else 0.0}
     taught_by = None if teacher is None else {"model": teacher_of(config)[0], "labels": teacher_of(config)[1] or source,
                                               "pixel": segmenter.distill_pixel, "pair": segmenter.distill_pair}
     return {"curves": result.curves, "train_images": len(ids), "epochs": epochs, "steps": result.steps,
