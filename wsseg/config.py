@@ -319,7 +319,7 @@ class SegmenterSection:
     gated_crf: float = key(0.0, "pseudo labels: weight of the gated CRF loss (Obukhov et al. 2019) on the main output; 0 = off",
                            low=0.0, neutral=0.0)
     ignore_band: float = key(0.0, "pseudo labels: pixels whose best class score lies within this of the background level "
-                                  "(labels/margin) are ignored (255); 0 = off", low=0.0, high=1.0, neutral=0.0)
+                                  "(labels/margin) are ignored (255; void in a panoptic model's labels); 0 = off", low=0.0, high=1.0, neutral=0.0)
     teacher: typing.Optional[str] = key(None, "structured knowledge distillation (Liu et al. 2019): a segmenter trained earlier "
                                              "in this run to learn from, `<model>` (its copy trained on the same labels as "
                                              "the student) or `<model>/<pseudo|gt>`; null = off", neutral=None)
